@@ -1,0 +1,122 @@
+"""The text store: what ``raykd prepare`` writes and every later stage reads (format ``raykd.text_store`` v1).
+
+Layout under the store URI::
+
+    corpus/part-NNNNN.parquet     pid int64, doc_id string, title string, text string   (sharded, pid-sorted
+                                  within a part)
+    queries/<split>.parquet       qid int64, query_id string, text string
+    qrels/<split>.parquet         qid int64, pid int64, relevance int32
+    triples/part-NNNNN.parquet    qid int64, pos_pid int64, neg_pid int64               (if triples were given)
+    quarantine/<file>.tsv         rejected input lines (lenient mode only): line, reason, raw
+    manifest.json                 stage "prepare"; counts per table and split; written last
+
+``pid``/``qid`` are the integer keys every stage joins on. MS MARCO ids are integers and are kept as they
+are; BEIR ids are strings in general ("MED-10"), so a BEIR corpus gets ``pid`` = its row number in
+corpus.jsonl order and keeps the original id in ``doc_id`` (``query_id`` likewise). Run files use the
+original ids.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raykd import storage
+
+FORMAT = "raykd.text_store"
+VERSION = 1
+
+CORPUS_SCHEMA = pa.schema(
+    [("pid", pa.int64()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())]
+)
+QUERIES_SCHEMA = pa.schema([("qid", pa.int64()), ("query_id", pa.string()), ("text", pa.string())])
+QRELS_SCHEMA = pa.schema([("qid", pa.int64()), ("pid", pa.int64()), ("relevance", pa.int32())])
+TRIPLES_SCHEMA = pa.schema([("qid", pa.int64()), ("pos_pid", pa.int64()), ("neg_pid", pa.int64())])
+
+
+class TextStore:
+    """Read access to a finished text store. Refuses a store without a finished manifest."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+        self.manifest = storage.read_manifest(self.uri, stage="prepare", format=FORMAT)
+
+    @property
+    def corpus_uri(self) -> str:
+        return storage.join(self.uri, "corpus")
+
+    @property
+    def triples_uri(self) -> str:
+        return storage.join(self.uri, "triples")
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.manifest["counts"].get("queries", {}))
+
+    def has_triples(self) -> bool:
+        return self.manifest["counts"].get("triples", 0) > 0
+
+    def _split_uri(self, table: str, split: str) -> str:
+        if split not in self.manifest["counts"].get(table, {}):
+            raise KeyError(
+                f"{self.uri}: no {table} for split {split!r}; this store has: "
+                f"{', '.join(sorted(self.manifest['counts'].get(table, {}))) or 'none'}"
+            )
+        return storage.join(self.uri, table, f"{split}.parquet")
+
+    def queries(self, split: str) -> pa.Table:
+        return storage.read_parquet(self._split_uri("queries", split))
+
+    def qrels(self, split: str) -> pa.Table:
+        return storage.read_parquet(self._split_uri("qrels", split))
+
+    def has_qrels(self, split: str) -> bool:
+        return split in self.manifest["counts"].get("qrels", {})
+
+    def corpus(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole corpus in memory: for small collections and tests. At scale, read parts or use Ray Data."""
+        return storage.read_parquet(self.corpus_uri, columns=columns)
+
+    def corpus_parts(self) -> list[str]:
+        return storage.parquet_parts(self.corpus_uri)
+
+    def triples(self) -> pa.Table:
+        return storage.read_parquet(self.triples_uri)
+
+    @cached_property
+    def _corpus_index(self) -> tuple[np.ndarray, pa.Table]:
+        t = self.corpus()
+        order = np.argsort(t["pid"].to_numpy())
+        t = t.take(pa.array(order))
+        return t["pid"].to_numpy(), t
+
+    def passages(self, pids) -> list[str]:
+        """Texts (``title + " " + text`` when a title is present) of ``pids``, in order; small corpora only."""
+        keys, t = self._corpus_index
+        pids = np.asarray(pids, dtype=np.int64)
+        pos = np.searchsorted(keys, pids)
+        bad = (pos >= len(keys)) | (keys[np.minimum(pos, len(keys) - 1)] != pids)
+        if bad.any():
+            raise KeyError(f"{self.uri}: pid {int(pids[bad][0])} is not in the corpus")
+        titles = t["title"].take(pa.array(pos)).to_pylist()
+        texts = t["text"].take(pa.array(pos)).to_pylist()
+        return [f"{ti} {te}" if ti else te for ti, te in zip(titles, texts)]
+
+    def doc_ids(self, pids) -> list[str]:
+        keys, t = self._corpus_index
+        pos = np.searchsorted(keys, np.asarray(pids, dtype=np.int64))
+        return t["doc_id"].take(pa.array(pos)).to_pylist()
+
+    def pid_of_doc_id(self) -> dict[str, int]:
+        t = self.corpus(columns=["pid", "doc_id"])
+        return dict(zip(t["doc_id"].to_pylist(), t["pid"].to_pylist()))
+
+
+def passage_text(title, text) -> pa.Array:
+    """Vectorised ``title + " " + text`` (text alone where the title is empty), the BEIR convention."""
+    title = pc.fill_null(title, "")
+    joined = pc.binary_join_element_wise(title, text, " ")
+    return pc.if_else(pc.equal(pc.utf8_length(title), 0), text, joined)

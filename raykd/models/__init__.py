@@ -1,0 +1,1 @@
+"""Ranking models (teachers and students). Nothing in this package knows about Ray."""

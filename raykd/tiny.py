@@ -1,0 +1,102 @@
+"""Tiny real transformers models for the embedded sample: the demo's teachers and students, and test fixtures.
+
+They are ordinary Hugging Face models (BERT, ALBERT or DistilBERT shaped) with a WordPiece vocabulary that
+covers the sample's lexicon whole, written with ``save_pretrained`` and loaded back by users' code through
+``from_pretrained`` exactly as a hub model would be.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+from raykd.sample import lexicon
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[Q]", "[D]"]
+
+
+def vocabulary() -> list[str]:
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    return SPECIAL + [f"[unused{i}]" for i in range(8)] + lexicon() + chars + ["##" + c for c in chars]
+
+
+def write_tokenizer(out_dir: str):
+    """A BERT WordPiece tokenizer over :func:`vocabulary`, saved to ``out_dir``. Built from the vocab file with
+    ``BertTokenizer`` (transformers 5's ``BertTokenizerFast(vocab_file=...)`` silently ignores the file)."""
+    from transformers import BertTokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    vocab_path = os.path.join(out_dir, "vocab.txt")
+    with open(vocab_path, "w") as f:
+        f.write("\n".join(vocabulary()) + "\n")
+    tok = BertTokenizer(vocab_path, do_lower_case=True)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_tiny_model(
+    out_dir: str,
+    arch: str = "bert",
+    head: str = "encoder",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    intermediate: int = 128,
+    max_position: int = 512,
+    seed: int = 0,
+) -> str:
+    """Write a randomly initialised model + tokenizer to ``out_dir`` and return the path.
+
+    ``arch``: ``bert`` | ``albert`` | ``distilbert``. ``head``: ``encoder`` (AutoModel) or ``cross_encoder``
+    (AutoModelForSequenceClassification, one label: BERT_CAT's linear layer on CLS)."""
+    import torch
+    from transformers import (
+        AlbertConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        DistilBertConfig,
+    )
+
+    torch.manual_seed(seed)
+    tok = write_tokenizer(out_dir)
+    vocab_size = len(tok.get_vocab())
+    if arch == "bert":
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=intermediate,
+            max_position_embeddings=max_position,
+        )
+    elif arch == "albert":
+        config = AlbertConfig(
+            vocab_size=vocab_size,
+            embedding_size=max(16, hidden // 2),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=intermediate,
+            max_position_embeddings=max_position,
+        )
+    elif arch == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=vocab_size,
+            dim=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            hidden_dim=intermediate,
+            max_position_embeddings=max_position,
+        )
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; expected bert, albert or distilbert")
+    if head == "cross_encoder":
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    elif head == "encoder":
+        model = AutoModel.from_config(config)
+    else:
+        raise ValueError(f"unknown head {head!r}; expected encoder or cross_encoder")
+    model.save_pretrained(out_dir)
+    return out_dir
