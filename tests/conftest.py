@@ -98,6 +98,7 @@ def ray_cluster(s3_server):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh cluster, never one a `ray start` left running
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
