@@ -5,7 +5,8 @@ Layout under the store URI::
     corpus/part-NNNNN.parquet     pid int64, doc_id string, title string, text string   (sharded, pid-sorted
                                   within a part)
     queries/<split>.parquet       qid int64, query_id string, text string
-    qrels/<split>.parquet         qid int64, pid int64, relevance int32
+    qrels/<split>.parquet         qid int64, query_id string, pid int64 (null if not in the corpus),
+                                  doc_id string, relevance int32
     triples/part-NNNNN.parquet    qid int64, pos_pid int64, neg_pid int64               (if triples were given)
     quarantine/<file>.tsv         rejected input lines (lenient mode only): line, reason, raw
     manifest.json                 stage "prepare"; counts per table and split; written last
@@ -13,7 +14,8 @@ Layout under the store URI::
 ``pid``/``qid`` are the integer keys every stage joins on. MS MARCO ids are integers and are kept as they
 are; BEIR ids are strings in general ("MED-10"), so a BEIR corpus gets ``pid`` = its row number in
 corpus.jsonl order and keeps the original id in ``doc_id`` (``query_id`` likewise). Run files use the
-original ids.
+original ids. Qrels keep both: a judged document missing from the corpus keeps its ``doc_id`` with a null
+``pid`` (and is counted in the manifest), so evaluation never loses a judgement.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ CORPUS_SCHEMA = pa.schema(
     [("pid", pa.int64()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())]
 )
 QUERIES_SCHEMA = pa.schema([("qid", pa.int64()), ("query_id", pa.string()), ("text", pa.string())])
-QRELS_SCHEMA = pa.schema([("qid", pa.int64()), ("pid", pa.int64()), ("relevance", pa.int32())])
+QRELS_SCHEMA = pa.schema(
+    [
+        ("qid", pa.int64()),
+        ("query_id", pa.string()),
+        ("pid", pa.int64()),
+        ("doc_id", pa.string()),
+        ("relevance", pa.int32()),
+    ]
+)
 TRIPLES_SCHEMA = pa.schema([("qid", pa.int64()), ("pos_pid", pa.int64()), ("neg_pid", pa.int64())])
 
 
