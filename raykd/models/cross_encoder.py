@@ -1,0 +1,235 @@
+"""BERT_CAT, the cross-encoder: ``[CLS] q [SEP] p [SEP]`` -> transformer -> linear on CLS -> one score.
+
+The teachers of Margin-MSE (Hofstätter et al. 2020) and a student architecture. A :class:`CrossEncoder` wraps a
+Hugging Face ``AutoModelForSequenceClassification`` and its own tokenizer, so a checkpoint is an ordinary HF
+folder (``config.json``, weights, tokenizer files) that any HF code can load, plus ``raykd_cross_encoder.json``
+with the query/passage max lengths.
+
+Query and passage are truncated separately (default 30 and 200 WordPiece tokens, as in the paper) and then
+joined with the model's own special tokens (the tokenizer's post-processor: ``[CLS] q [SEP] p [SEP]`` for
+BERT/ALBERT, ``<s> q </s></s> p </s>`` for RoBERTa-like models).
+
+Which logit is the score:
+  * ``num_labels == 1`` (BERT_CAT as trained by Hofstätter, raykd's students, ms-marco-MiniLM cross-encoders):
+    the single logit;
+  * ``num_labels == 2`` (hub cross-encoders trained as relevant/non-relevant classifiers, e.g. the Nogueira
+    BERT re-rankers): ``logits[:, 1]``, the relevant-class logit;
+  * a checkpoint without a classification head (a plain ``BertModel``, e.g. ``bert-base-uncased``) gets a new,
+    randomly initialised one-logit head: the start of a student, not a teacher.
+
+Tokenisation is split from the forward pass so Ray Data can tokenise on CPU tasks:
+``tokenize_unpadded`` gives lists of ids per pair, ``collate`` pads a batch of them to the longest (a multiple
+of 8), ``tokenize`` does both. On GPU the forward pass runs under bf16 autocast; attention is PyTorch SDPA.
+
+Nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+
+from raykd.errors import UserError
+from raykd.models.base import RankingModel
+
+DEFAULT_QUERY_MAX_LENGTH = 30
+DEFAULT_PASSAGE_MAX_LENGTH = 200
+RAYKD_CONFIG = "raykd_cross_encoder.json"
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    s = str(name_or_path)
+    return (
+        os.path.isabs(s)
+        or s.startswith(("./", "../", "~", "file://"))
+        or s.count("/") > 1  # hub ids are "name" or "org/name"
+        or os.sep == "\\" and "\\" in s
+    )
+
+
+class CrossEncoder(RankingModel):
+    """BERT_CAT: one relevance score per (query, passage) from a joint encoding.
+
+    Example::
+
+        model = CrossEncoder.from_pretrained("path/or/hub-name", query_max_length=30, passage_max_length=200)
+        scores = model.score(["what is ray"], ["Ray is a framework ..."])   # tensor of shape (1,)
+    """
+
+    name = "bert_cat"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
+        passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH,
+    ):
+        super().__init__()
+        if query_max_length < 1 or passage_max_length < 1:
+            raise ValueError(
+                f"query_max_length and passage_max_length must be >= 1, got {query_max_length}, {passage_max_length}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.query_max_length = int(query_max_length)
+        self.passage_max_length = int(passage_max_length)
+        self.num_labels = int(getattr(model.config, "num_labels", 1))
+        if self.num_labels not in (1, 2):
+            raise UserError(
+                f"cross-encoder has {self.num_labels} labels; expected 1 (a score) or 2 (relevant-class logit)"
+            )
+        # DistilBERT-like models have no segment embeddings even when their tokenizer emits segment ids
+        self.uses_token_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", []) and (
+            "token_type_ids" in inspect.signature(model.forward).parameters
+        )
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            # a private copy without truncation/padding: we truncate query and passage separately
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
+        attn_implementation: str = "sdpa",
+        **model_kwargs: Any,
+    ) -> "CrossEncoder":
+        """Load a cross-encoder from a local HF folder or a hub name.
+
+        Max lengths: the arguments if given, else the ones saved with the checkpoint, else 30 / 200. A local
+        path that does not exist raises :class:`UserError` naming it."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        path = str(name_or_path)
+        if path.startswith("file://"):
+            path = path[len("file://") :]
+        path = os.path.expanduser(path)
+        if _looks_like_path(path) and not os.path.exists(path):
+            raise UserError(f"cross-encoder path {path} does not exist (expected a Hugging Face model folder)")
+        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"cross-encoder folder {path} has no config.json: not a Hugging Face model folder")
+        try:
+            config = AutoConfig.from_pretrained(path)
+            archs = getattr(config, "architectures", None) or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs):
+                config.num_labels = 1  # no head yet: BERT_CAT's single-logit linear layer on CLS
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, attn_implementation=attn_implementation, **model_kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot load cross-encoder {path!r}: not a local model folder and not loadable from the "
+                f"Hugging Face hub (offline? misspelt?): {e}"
+            ) from None
+        saved = {}
+        if os.path.isfile(os.path.join(path, RAYKD_CONFIG)):
+            with open(os.path.join(path, RAYKD_CONFIG)) as f:
+                saved = json.load(f)
+        qlen = query_max_length or saved.get("query_max_length", DEFAULT_QUERY_MAX_LENGTH)
+        plen = passage_max_length or saved.get("passage_max_length", DEFAULT_PASSAGE_MAX_LENGTH)
+        out = cls(model, tokenizer, query_max_length=qlen, passage_max_length=plen)
+        out.eval()
+        return out
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write an HF folder (``AutoModelForSequenceClassification`` + tokenizer) plus the max lengths."""
+        os.makedirs(out_dir, exist_ok=True)
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, RAYKD_CONFIG), "w") as f:
+            json.dump(
+                {"model": self.name, "query_max_length": self.query_max_length,
+                 "passage_max_length": self.passage_max_length},
+                f,
+                indent=2,
+            )
+
+    # ------------------------------------------------------------------------------------------ tokenising
+    def tokenize_unpadded(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, list[list[int]]]:
+        """Ids of ``[CLS] q [SEP] p [SEP]`` per pair, query cut to ``query_max_length`` tokens and passage to
+        ``passage_max_length``; no padding. Keys: ``input_ids`` and, if the model uses them,
+        ``token_type_ids``."""
+        if len(queries) != len(passages):
+            raise ValueError(f"tokenize needs as many queries as passages, got {len(queries)} and {len(passages)}")
+        queries, passages = [str(q) for q in queries], [str(p) for p in passages]
+        if self._backend is not None:
+            eq = self._backend.encode_batch(queries, add_special_tokens=False)
+            ep = self._backend.encode_batch(passages, add_special_tokens=False)
+            ids, types = [], []
+            for q, p in zip(eq, ep):
+                q.truncate(self.query_max_length)
+                p.truncate(self.passage_max_length)
+                enc = self._backend.post_process(q, p, add_special_tokens=True)
+                ids.append(enc.ids)
+                types.append(enc.type_ids)
+        else:  # a slow (pure python) tokenizer: cut each side by tokens, then join through the tokenizer
+            q_ids = [self.tokenizer.encode(q, add_special_tokens=False)[: self.query_max_length] for q in queries]
+            p_ids = [self.tokenizer.encode(p, add_special_tokens=False)[: self.passage_max_length] for p in passages]
+            enc = self.tokenizer(
+                [self.tokenizer.decode(x) for x in q_ids], [self.tokenizer.decode(x) for x in p_ids],
+                return_token_type_ids=True,
+            )
+            ids, types = enc["input_ids"], enc["token_type_ids"]
+        out = {"input_ids": ids}
+        if self.uses_token_type_ids:
+            out["token_type_ids"] = types
+        return out
+
+    def collate(self, features: dict[str, Sequence[Sequence[int]]], pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+        """Pad a batch of :meth:`tokenize_unpadded` output to its longest sequence (rounded up to a multiple of
+        ``pad_to_multiple_of``) and add the attention mask."""
+        ids = features["input_ids"]
+        n = len(ids)
+        longest = max((len(x) for x in ids), default=0)
+        if pad_to_multiple_of and longest % pad_to_multiple_of:
+            longest += pad_to_multiple_of - longest % pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        types = torch.zeros((n, longest), dtype=torch.long) if "token_type_ids" in features else None
+        for i, x in enumerate(ids):
+            k = len(x)
+            input_ids[i, :k] = torch.as_tensor(list(x), dtype=torch.long)
+            mask[i, :k] = 1
+            if types is not None:
+                types[i, :k] = torch.as_tensor(list(features["token_type_ids"][i]), dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if types is not None:
+            out["token_type_ids"] = types
+        return out
+
+    def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.collate(self.tokenize_unpadded(queries, passages))
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores of shape (B,), float32. bf16 autocast when the model is on a CUDA device."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.uses_token_type_ids:
+            kwargs["token_type_ids"] = token_type_ids
+        if input_ids.is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = self.model(**kwargs).logits
+        else:
+            logits = self.model(**kwargs).logits
+        score = logits[:, 1] if self.num_labels == 2 else logits[:, 0]
+        return score.float()
