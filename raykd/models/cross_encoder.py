@@ -29,7 +29,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -106,7 +107,7 @@ class CrossEncoder(RankingModel):
         passage_max_length: int | None = None,
         attn_implementation: str = "sdpa",
         **model_kwargs: Any,
-    ) -> "CrossEncoder":
+    ) -> CrossEncoder:
         """Load a cross-encoder from a local HF folder or a hub name.
 
         Max lengths: the arguments if given, else the ones saved with the checkpoint, else 30 / 200. A local
@@ -114,8 +115,7 @@ class CrossEncoder(RankingModel):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = str(name_or_path)
-        if path.startswith("file://"):
-            path = path[len("file://") :]
+        path = path.removeprefix("file://")
         path = os.path.expanduser(path)
         if _looks_like_path(path) and not os.path.exists(path):
             raise UserError(f"cross-encoder path {path} does not exist (expected a Hugging Face model folder)")
