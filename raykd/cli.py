@@ -86,7 +86,8 @@ def sample(out, seed, train_queries, dev_queries, passages, negatives, text_trip
 @CONFIG_OPTION
 def prepare(msmarco, beir, out, extra_queries, extra_qrels, triples, part_rows, lenient, config_file):
     """Turn raw inputs (MS MARCO tsv or a BEIR folder) into the text store: Parquet keyed by integer ids."""
-    from raykd.stages.prepare import PrepareConfig, prepare as run
+    from raykd.stages.prepare import PrepareConfig
+    from raykd.stages.prepare import prepare as run
 
     cfg = config.build(
         PrepareConfig,
