@@ -405,7 +405,7 @@ class _Prepare:
             ok_q = (train_qids[pos] == arr[:, 0]) if len(train_qids) else np.ones(len(arr), dtype=bool)
             for (ln, line, q, p, n), a, b, c in zip(chunk, ok_q, ok_pos, ok_neg):
                 if not (a and b and c):
-                    what = "qid %d is not a training query" % q if not a else "passage %d does not exist in the corpus" % (p if not b else n)
+                    what = f"qid {q} is not a training query" if not a else f"passage {p if not b else n} does not exist in the corpus"
                     self.q.report(FormatError(uri, ln, what), line)
                     continue
                 writer.add((q, p, n))
