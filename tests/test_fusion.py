@@ -1,0 +1,41 @@
+"""TCT Eq. 7 hybrid fusion and its alpha grid search."""
+
+from __future__ import annotations
+
+import pytest
+
+from raykd.fusion import hybrid, tune_alpha
+
+
+def test_union_with_missing_scores_taking_the_list_minimum():
+    dense = {"q": {"a": 0.9, "b": 0.5}}
+    sparse = {"q": {"b": 20.0, "c": 10.0}}
+    fused = hybrid(dense, sparse, alpha=0.1, k=None)["q"]
+    assert fused == pytest.approx({"a": 0.1 * 10.0 + 0.9, "b": 0.1 * 20.0 + 0.5, "c": 0.1 * 10.0 + 0.5})
+
+
+def test_alpha_zero_is_dense_ranking_and_k_cuts():
+    dense = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
+    sparse = {"q": {"c": 50.0, "d": 40.0}}
+    fused = hybrid(dense, sparse, alpha=0.0, k=2)["q"]
+    assert sorted(fused, key=fused.get, reverse=True) == ["a", "b"]
+
+
+def test_query_missing_from_one_run_keeps_the_other_ranking():
+    fused = hybrid({"q": {"a": 1.0, "b": 2.0}}, {}, alpha=0.5)
+    assert fused["q"]["b"] > fused["q"]["a"]
+    fused = hybrid({}, {"q": {"a": 1.0, "b": 2.0}}, alpha=0.5)
+    assert fused["q"]["b"] > fused["q"]["a"]
+
+
+def test_tune_alpha_finds_the_mix_that_beats_both_runs():
+    # dense gets q1 right and q2 wrong; sparse the opposite, with a margin that a small alpha cannot flip for q1
+    dense = {"q1": {"r1": 1.0, "n1": 0.9}, "q2": {"n2": 1.0, "r2": 0.2}}
+    sparse = {"q1": {"n1": 11.0, "r1": 10.0}, "q2": {"r2": 30.0, "n2": 10.0}}
+    qrels = {"q1": {"r1": 1}, "q2": {"r2": 1}}
+    best, curve = tune_alpha(dense, sparse, qrels, grid=[0.0, 0.01, 0.05, 0.5, 5.0], measure="RR@10")
+    values = dict(curve)
+    assert values[0.0] == 0.75 and values[5.0] == 0.75
+    assert best == 0.05 and values[0.05] == 1.0
+    with pytest.raises(ValueError, match="empty alpha grid"):
+        tune_alpha(dense, sparse, qrels, grid=[])
