@@ -52,42 +52,47 @@ def _looks_like_path(name_or_path: str) -> bool:
     )
 
 
-class CrossEncoder(RankingModel):
-    """BERT_CAT: one relevance score per (query, passage) from a joint encoding.
+def _check_path(name_or_path: str) -> str:
+    """``name_or_path`` as a local path or hub id; a local-looking path that does not exist is a UserError."""
+    path = os.path.expanduser(str(name_or_path).removeprefix("file://"))
+    if _looks_like_path(path) and not os.path.exists(path):
+        raise UserError(f"cross-encoder path {path} does not exist (expected a Hugging Face model folder)")
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"cross-encoder folder {path} has no config.json: not a Hugging Face model folder")
+    return path
 
-    Example::
 
-        model = CrossEncoder.from_pretrained("path/or/hub-name", query_max_length=30, passage_max_length=200)
-        scores = model.score(["what is ray"], ["Ray is a framework ..."])   # tensor of shape (1,)
-    """
+def _max_lengths(path: str, query_max_length: int | None, passage_max_length: int | None) -> tuple[int, int]:
+    """The arguments if given, else the lengths saved with the checkpoint, else 30 / 200."""
+    saved = {}
+    if os.path.isfile(os.path.join(path, RAYKD_CONFIG)):
+        with open(os.path.join(path, RAYKD_CONFIG)) as f:
+            saved = json.load(f)
+    qlen = query_max_length or saved.get("query_max_length", DEFAULT_QUERY_MAX_LENGTH)
+    plen = passage_max_length or saved.get("passage_max_length", DEFAULT_PASSAGE_MAX_LENGTH)
+    return int(qlen), int(plen)
 
-    name = "bert_cat"
+
+class CrossEncoderTokenizer:
+    """The pair tokenizer of a cross-encoder, usable without the model (Ray Data's CPU tokenising tasks).
+
+    ``tokenize_unpadded`` cuts the query to ``query_max_length`` and the passage to ``passage_max_length``
+    tokens and joins them with the model's special tokens; ``collate`` pads a batch."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
         tokenizer: Any,
         query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
         passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH,
     ):
-        super().__init__()
         if query_max_length < 1 or passage_max_length < 1:
             raise ValueError(
                 f"query_max_length and passage_max_length must be >= 1, got {query_max_length}, {passage_max_length}"
             )
-        self.model = model
         self.tokenizer = tokenizer
         self.query_max_length = int(query_max_length)
         self.passage_max_length = int(passage_max_length)
-        self.num_labels = int(getattr(model.config, "num_labels", 1))
-        if self.num_labels not in (1, 2):
-            raise UserError(
-                f"cross-encoder has {self.num_labels} labels; expected 1 (a score) or 2 (relevant-class logit)"
-            )
-        # DistilBERT-like models have no segment embeddings even when their tokenizer emits segment ids
-        self.uses_token_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", []) and (
-            "token_type_ids" in inspect.signature(model.forward).parameters
-        )
+        self.emits_token_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None
         if backend is not None:
@@ -98,67 +103,20 @@ class CrossEncoder(RankingModel):
             self._backend.no_truncation()
             self._backend.no_padding()
 
-    # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls,
-        name_or_path: str,
-        query_max_length: int | None = None,
-        passage_max_length: int | None = None,
-        attn_implementation: str = "sdpa",
-        **model_kwargs: Any,
-    ) -> CrossEncoder:
-        """Load a cross-encoder from a local HF folder or a hub name.
+        cls, name_or_path: str, query_max_length: int | None = None, passage_max_length: int | None = None
+    ) -> CrossEncoderTokenizer:
+        from transformers import AutoTokenizer
 
-        Max lengths: the arguments if given, else the ones saved with the checkpoint, else 30 / 200. A local
-        path that does not exist raises :class:`UserError` naming it."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-        path = str(name_or_path)
-        path = path.removeprefix("file://")
-        path = os.path.expanduser(path)
-        if _looks_like_path(path) and not os.path.exists(path):
-            raise UserError(f"cross-encoder path {path} does not exist (expected a Hugging Face model folder)")
-        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"cross-encoder folder {path} has no config.json: not a Hugging Face model folder")
+        path = _check_path(name_or_path)
         try:
-            config = AutoConfig.from_pretrained(path)
-            archs = getattr(config, "architectures", None) or []
-            if not any(a.endswith("ForSequenceClassification") for a in archs):
-                config.num_labels = 1  # no head yet: BERT_CAT's single-logit linear layer on CLS
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, attn_implementation=attn_implementation, **model_kwargs
-            )
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot load cross-encoder {path!r}: not a local model folder and not loadable from the "
-                f"Hugging Face hub (offline? misspelt?): {e}"
-            ) from None
-        saved = {}
-        if os.path.isfile(os.path.join(path, RAYKD_CONFIG)):
-            with open(os.path.join(path, RAYKD_CONFIG)) as f:
-                saved = json.load(f)
-        qlen = query_max_length or saved.get("query_max_length", DEFAULT_QUERY_MAX_LENGTH)
-        plen = passage_max_length or saved.get("passage_max_length", DEFAULT_PASSAGE_MAX_LENGTH)
-        out = cls(model, tokenizer, query_max_length=qlen, passage_max_length=plen)
-        out.eval()
-        return out
+            raise UserError(f"cannot load the tokenizer of cross-encoder {path!r}: {e}") from None
+        qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
+        return cls(tokenizer, qlen, plen)
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """Write an HF folder (``AutoModelForSequenceClassification`` + tokenizer) plus the max lengths."""
-        os.makedirs(out_dir, exist_ok=True)
-        self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        with open(os.path.join(out_dir, RAYKD_CONFIG), "w") as f:
-            json.dump(
-                {"model": self.name, "query_max_length": self.query_max_length,
-                 "passage_max_length": self.passage_max_length},
-                f,
-                indent=2,
-            )
-
-    # ------------------------------------------------------------------------------------------ tokenising
     def tokenize_unpadded(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, list[list[int]]]:
         """Ids of ``[CLS] q [SEP] p [SEP]`` per pair, query cut to ``query_max_length`` tokens and passage to
         ``passage_max_length``; no padding. Keys: ``input_ids`` and, if the model uses them,
@@ -185,7 +143,7 @@ class CrossEncoder(RankingModel):
             )
             ids, types = enc["input_ids"], enc["token_type_ids"]
         out = {"input_ids": ids}
-        if self.uses_token_type_ids:
+        if self.emits_token_type_ids:
             out["token_type_ids"] = types
         return out
 
@@ -214,6 +172,110 @@ class CrossEncoder(RankingModel):
 
     def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.collate(self.tokenize_unpadded(queries, passages))
+
+
+
+class CrossEncoder(RankingModel):
+    """BERT_CAT: one relevance score per (query, passage) from a joint encoding.
+
+    Example::
+
+        model = CrossEncoder.from_pretrained("path/or/hub-name", query_max_length=30, passage_max_length=200)
+        scores = model.score(["what is ray"], ["Ray is a framework ..."])   # tensor of shape (1,)
+    """
+
+    name = "bert_cat"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
+        passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH,
+    ):
+        super().__init__()
+        self.model = model
+        self.pair_tokenizer = CrossEncoderTokenizer(tokenizer, query_max_length, passage_max_length)
+        self.num_labels = int(getattr(model.config, "num_labels", 1))
+        if self.num_labels not in (1, 2):
+            raise UserError(
+                f"cross-encoder has {self.num_labels} labels; expected 1 (a score) or 2 (relevant-class logit)"
+            )
+        # DistilBERT-like models have no segment embeddings even when their tokenizer emits segment ids
+        self.uses_token_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pair_tokenizer.tokenizer
+
+    @property
+    def query_max_length(self) -> int:
+        return self.pair_tokenizer.query_max_length
+
+    @property
+    def passage_max_length(self) -> int:
+        return self.pair_tokenizer.passage_max_length
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
+        attn_implementation: str = "sdpa",
+        **model_kwargs: Any,
+    ) -> CrossEncoder:
+        """Load a cross-encoder from a local HF folder or a hub name.
+
+        Max lengths: the arguments if given, else the ones saved with the checkpoint, else 30 / 200. A local
+        path that does not exist raises :class:`UserError` naming it."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        path = _check_path(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            archs = getattr(config, "architectures", None) or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs):
+                config.num_labels = 1  # no head yet: BERT_CAT's single-logit linear layer on CLS
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, attn_implementation=attn_implementation, **model_kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot load cross-encoder {path!r}: not a local model folder and not loadable from the "
+                f"Hugging Face hub (offline? misspelt?): {e}"
+            ) from None
+        qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
+        out = cls(model, tokenizer, query_max_length=qlen, passage_max_length=plen)
+        out.eval()
+        return out
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write an HF folder (``AutoModelForSequenceClassification`` + tokenizer) plus the max lengths."""
+        os.makedirs(out_dir, exist_ok=True)
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, RAYKD_CONFIG), "w") as f:
+            json.dump(
+                {"model": self.name, "query_max_length": self.query_max_length,
+                 "passage_max_length": self.passage_max_length},
+                f,
+                indent=2,
+            )
+
+    # ------------------------------------------------------------------------------------------ tokenising
+    def tokenize_unpadded(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, list[list[int]]]:
+        """See :meth:`CrossEncoderTokenizer.tokenize_unpadded`."""
+        return self.pair_tokenizer.tokenize_unpadded(queries, passages)
+
+    def collate(self, features: dict[str, Sequence[Sequence[int]]], pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+        """See :meth:`CrossEncoderTokenizer.collate`."""
+        return self.pair_tokenizer.collate(features, pad_to_multiple_of)
+
+    def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.pair_tokenizer.collate(self.pair_tokenizer.tokenize_unpadded(queries, passages))
 
     # ------------------------------------------------------------------------------------------ scoring
     def forward(
