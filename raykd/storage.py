@@ -141,12 +141,13 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file or every ``*.parquet`` part under a folder (in name order)."""
     fs, path = filesystem(uri)
     if fs.isdir(path):
-        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-        if not files:
-            return None  # type: ignore[return-value]
+        parts = parquet_parts(uri)
+        if not parts:
+            raise FileNotFoundError(f"{uri}: no Parquet parts in this folder")
         tables = []
-        for p in files:
-            with fs.open(p, "rb") as f:
+        for part in parts:
+            pfs, ppath = filesystem(part)
+            with pfs.open(ppath, "rb") as f:
                 tables.append(pq.read_table(f, columns=columns))
         return pa.concat_tables(tables)
     with fs.open(path, "rb") as f:
@@ -154,8 +155,9 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def parquet_parts(uri: str) -> list[str]:
-    """URIs of the committed ``*.parquet`` parts directly under ``uri`` (temporary files excluded)."""
-    return [join(uri, n) for n in listdir(uri) if n.endswith(".parquet") and not n.startswith(".tmp-")]
+    """URIs of the committed ``*.parquet`` parts directly under ``uri``, in name order. Hidden files (the
+    ``.tmp-*`` of a write that was killed before its rename) are not parts."""
+    return [join(uri, n) for n in listdir(uri) if n.endswith(".parquet") and not n.startswith((".", "_"))]
 
 
 def iter_parquet_batches(uri: str, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:

@@ -13,15 +13,17 @@ import gzip
 import io
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from raykd import storage
 from raykd.errors import FormatError
 
 
-def open_text_lines(uri: str) -> Iterator[tuple[int, str]]:
+def open_text_lines(uri: str, on_bad_line: Callable[[FormatError, str], None] | None = None) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, line)`` of a UTF-8 text file without its line ending. ``.gz`` is decompressed
-    transparently. Raises FormatError for undecodable bytes, a truncated or corrupt gzip, or an empty file."""
+    transparently. Raises FormatError for a truncated or corrupt gzip or an empty file, and for undecodable
+    bytes unless ``on_bad_line`` is given: it then gets the error and the line (decoded with replacement
+    characters) and the line is skipped (a quarantine's ``report``)."""
     uri = str(uri)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri}: file does not exist")
@@ -43,9 +45,13 @@ def open_text_lines(uri: str) -> Iterator[tuple[int, str]]:
             try:
                 line = b.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise FormatError(
+                err = FormatError(
                     uri, n, f"undecodable bytes at byte {e.start} of the line (expected UTF-8): {b[max(0, e.start - 10):e.start + 10]!r}"
-                ) from None
+                )
+                if on_bad_line is None:
+                    raise err from None
+                on_bad_line(err, b.decode("utf-8", "replace").rstrip("\r\n"))
+                continue
             yield n, line.rstrip("\r\n")
     finally:
         raw.close()
@@ -76,7 +82,7 @@ class Quarantine:
         """Write ``quarantine/<file>.tsv`` (line, reason, raw line) for each file with bad lines."""
         for name, rows in self.rows.items():
             text = "line\treason\traw\n" + "".join(
-                f"{ln if ln is not None else ''}\t{reason}\t{raw.replace(chr(9), ' ')}\n" for ln, reason, raw in rows
+                f"{ln if ln is not None else ''}\t{reason}\t{raw.replace(chr(9), ' ')}\n" for ln, reason, raw in sorted(rows, key=lambda r: r[0] or 0)
             )
             storage.write_bytes_atomic(storage.join(self.out_uri, "quarantine", f"{name}.tsv"), text.encode())
         return dict(self.counts)

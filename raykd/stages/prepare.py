@@ -239,7 +239,7 @@ class _Prepare:
                     self.text_pid[hash(text)] = pid
             chunk.clear()
 
-        for ln, line in open_text_lines(uri):
+        for ln, line in open_text_lines(uri, self.q.report):
             progress.update()
             try:
                 if self.beir:
@@ -291,7 +291,7 @@ class _Prepare:
         rows: list[tuple[int, str, str]] = []
         seen: set[int] = set()
         jsonl = uri.endswith(".jsonl") or uri.endswith(".jsonl.gz")
-        for ln, line in open_text_lines(uri):
+        for ln, line in open_text_lines(uri, self.q.report):
             try:
                 if jsonl:
                     query_id, text = raw.parse_beir_query(uri, ln, line)
@@ -344,7 +344,7 @@ class _Prepare:
         seen: set[tuple[str, str]] = set()
         missing_docs = 0
         has_corpus = "corpus" in self.counts
-        for ln, line in open_text_lines(uri):
+        for ln, line in open_text_lines(uri, self.q.report):
             try:
                 parsed = raw.parse_qrels(uri, ln, line)
                 if parsed is None:
@@ -411,7 +411,7 @@ class _Prepare:
                 writer.add((q, p, n))
             chunk.clear()
 
-        for ln, line in open_text_lines(uri):
+        for ln, line in open_text_lines(uri, self.q.report):
             progress.update()
             try:
                 if self.text_triples:
