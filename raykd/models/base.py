@@ -20,6 +20,9 @@ class RankingModel(torch.nn.Module):
     """Base class: subclasses implement ``tokenize`` and ``forward``, and ``save_pretrained``."""
 
     name: str = "ranking_model"
+    #: True when ``tokenize``/``forward`` accept k passages per query (``len(passages) == k * len(queries)``,
+    #: passages of query i at rows i*k .. i*k+k-1) and encode each query once; False: one query per passage.
+    grouped_passages: bool = False
 
     def tokenize(self, queries: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -34,3 +37,83 @@ class RankingModel(torch.nn.Module):
 
     def save_pretrained(self, out_dir: str) -> None:
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers shared by the students (added by the train issue)
+
+RAYKD_CONFIG = "raykd_model.json"
+
+
+def interleave_triples(queries: list[str], positives: list[str], negatives: list[str]) -> tuple[list[str], list[str]]:
+    """``(queries, passages)`` for scoring B triples in ONE forward pass: each query appears once and the
+    passages are ``[pos_0, neg_0, pos_1, neg_1, ...]`` (group size 2). Models whose ``forward`` accepts a group
+    of passages per query (bi-encoders, PreTTR, TK) encode every query once; ``scores.view(B, 2)`` is then
+    ``[[s(q_0, pos_0), s(q_0, neg_0)], ...]``."""
+    if not (len(queries) == len(positives) == len(negatives)):
+        raise ValueError(
+            f"a triple batch needs as many queries as positives and negatives, got {len(queries)}, "
+            f"{len(positives)} and {len(negatives)}"
+        )
+    passages = [p for pair in zip(positives, negatives) for p in pair]
+    return list(queries), passages
+
+
+def group_size(n_queries: int, n_passages: int) -> int:
+    """How many passages each query has in a grouped batch (passages of query i are rows i*k .. i*k+k-1)."""
+    if n_queries == 0 or n_passages % n_queries:
+        raise ValueError(
+            f"{n_passages} passages cannot be split evenly over {n_queries} queries: give one query per passage, "
+            f"or k passages per query in query order"
+        )
+    return n_passages // n_queries
+
+
+def write_raykd_config(out_dir: str, kind: str, **fields) -> None:
+    """Write ``raykd_model.json`` (``kind`` + architecture options) beside a saved model so that
+    :func:`raykd.models.registry.load_scorer` can reopen it."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, RAYKD_CONFIG), "w") as f:
+        json.dump({"kind": kind, "format_version": 1, **fields}, f, indent=2, sort_keys=True)
+
+
+def read_raykd_config(model_dir: str) -> dict | None:
+    """The ``raykd_model.json`` of a local model folder, or None when there is none (a plain HF model)."""
+    import json
+    import os
+
+    path = os.path.join(str(model_dir), RAYKD_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_hf_encoder(name_or_path: str):
+    """A transformers encoder (AutoModel) WITHOUT the unused pooler where the architecture has one, so DDP
+    does not fail on parameters that get no gradient."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoModel.from_pretrained(name_or_path, config=config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_pretrained(name_or_path, config=config)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def tokenize_triples(model: RankingModel, queries: list[str], positives: list[str], negatives: list[str]) -> dict:
+    """Model inputs that score B triples in ONE forward pass: ``model(**features).view(B, 2)`` is
+    ``[[s(q_i, pos_i), s(q_i, neg_i)], ...]``. Grouped models see each query once; others get it twice."""
+    q, p = interleave_triples(queries, positives, negatives)
+    if not getattr(model, "grouped_passages", False):
+        q = [x for x in q for _ in (0, 1)]
+    return model.tokenize(q, p)

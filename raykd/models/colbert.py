@@ -1,0 +1,69 @@
+"""ColBERT (Khattab & Zaharia 2020) as the Margin-MSE paper's student: every token of q and p through a shared
+encoder, a linear layer down to ``dim`` (128), L2-normalised; the score is MaxSim summed over query tokens
+
+    s(q, p) = Σ_{i ∈ q, not padding}  max_{j ∈ p, not padding}  E_q[i] · E_p[j]
+
+Padding tokens of q contribute nothing and padding tokens of p are never the max. (Simplification: no query
+augmentation with [MASK] tokens and no punctuation filter.)
+
+Saved as: the encoder in HF format + tokenizer, ``colbert_linear.safetensors`` (the projection) and
+``raykd_model.json`` (``{"kind": "colbert", "dim": 128, ...}``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from raykd.models.base import load_hf_encoder, load_tokenizer, read_raykd_config, write_raykd_config
+from raykd.models.bi_encoder import DualEncoder
+
+LINEAR_FILE = "colbert_linear.safetensors"
+
+
+class ColBERT(DualEncoder):
+    name = "colbert"
+
+    def __init__(self, encoder, tokenizer, dim: int = 128, query_max_length: int = 32, passage_max_length: int = 180):
+        super().__init__(encoder, tokenizer, query_max_length, passage_max_length)
+        self.dim = int(dim)
+        self.linear = torch.nn.Linear(encoder.config.hidden_size, self.dim, bias=False)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token vectors (N, L, dim), L2-normalised, zero at padding positions."""
+        v = torch.nn.functional.normalize(self.linear(self.token_vectors(input_ids, attention_mask)), dim=-1)
+        return v * attention_mask.unsqueeze(-1).to(v.dtype)
+
+    def similarity(self, q, q_mask, p, p_mask, all_pairs):
+        p_pad = (p_mask == 0)
+        if all_pairs:  # (Q, P, Lq, Lp)
+            sim = torch.einsum("qid,pjd->qpij", q, p)
+            sim = sim.masked_fill(p_pad[None, :, None, :], float("-inf"))
+            best = sim.max(-1).values * q_mask[:, None, :].to(sim.dtype)
+            return best.sum(-1)
+        sim = torch.einsum("nid,njd->nij", q, p).masked_fill(p_pad[:, None, :], float("-inf"))
+        return (sim.max(-1).values * q_mask.to(sim.dtype)).sum(-1)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kw) -> ColBERT:
+        saved = read_raykd_config(name_or_path) or {}
+        opts = {k: saved[k] for k in ("dim", "query_max_length", "passage_max_length") if k in saved}
+        opts.update({k: v for k, v in kw.items() if v is not None})
+        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
+        head = os.path.join(str(name_or_path), LINEAR_FILE)
+        if saved and os.path.isfile(head):
+            from safetensors.torch import load_file
+
+            model.linear.load_state_dict(load_file(head))
+        return model
+
+    def save_pretrained(self, out_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        self.encoder.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.linear.state_dict().items()},
+                  os.path.join(out_dir, LINEAR_FILE))
+        write_raykd_config(out_dir, self.name, dim=self.dim, query_max_length=self.query_max_length,
+                           passage_max_length=self.passage_max_length)
