@@ -113,26 +113,66 @@ def _not_yet(name: str):
 
 
 # ------------------------------------------------------------------------------------------------ score
-# (placeholder until the score stage lands)
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command()
+@click.option("--data", default=None, help="Text store URI (the output of `raykd prepare`), with triples.")
+@click.option("--teacher", "teachers", multiple=True, help="Teacher cross-encoder (hub name or path). Repeatable.")
+@click.option("--out", default=None, help="Output URI of the scores (local path or s3://).")
+@click.option("--weight", "weights", multiple=True, type=float, help="Ensemble weight per --teacher, in order (default: mean).")
+@click.option("--query-max-length", type=int, default=None, help="Query tokens per pair (default 30).")
+@click.option("--passage-max-length", type=int, default=None, help="Passage tokens per pair (default 200).")
+@click.option("--split", default=None, help="Query split the triples' qids belong to (default train).")
+@click.option("--batch-size", type=int, default=None, help="Pairs per forward pass (default 64).")
+@click.option("--bucket-pairs", type=int, default=None, help="Pairs per Ray Data block, sorted by length (default 2048).")
+@click.option("--rows-per-part", type=int, default=None, help="Target triples per output part (default 100000).")
+@click.option("--parts-per-round", type=int, default=None, help="Output parts per Ray Data round (default 16).")
+@click.option("--min-actors", type=int, default=None, help="Minimum actors per teacher pool (default 1).")
+@click.option("--max-actors", type=int, default=None, help="Maximum actors per teacher pool (default 2).")
+@click.option("--gpus-per-actor", type=float, default=None, help="GPUs per scoring actor (default 0; 1 on GPU clusters).")
+@click.option("--cpus-per-actor", type=float, default=None, help="CPUs per scoring actor (default 0.5).")
+@click.option("--torch-threads", type=int, default=None, help="torch threads per CPU scoring actor (default 1).")
+@click.option("--lenient/--strict", default=None, help="Lenient: quarantine bad rows (counted in the manifest) instead of failing.")
 @CONFIG_OPTION
-def score(config_file):
-    """Score training triples with a teacher ensemble (not available yet)."""
-    _not_yet("score")()
+def score(config_file, **flags):
+    """Score training triples with a teacher ensemble (Ray Data actor pools, exactly once, resumable)."""
+    from raykd.stages.score import ScoreConfig
+    from raykd.stages.score import score as run
+
+    cfg = config.build(ScoreConfig, config_file, **flags)
+    manifest = run_stage(run, cfg)
+    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts,
+                           "forward_passes": manifest.stats["forward_passes_total"],
+                           "naive_forward_passes": manifest.stats["naive_forward_passes"],
+                           "padded_over_real": round(manifest.stats["padded_over_real"], 4)}, indent=2))
 
 
-@main.command("export-nrkd", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command("export-nrkd")
+@click.option("--scores", required=True, help="A scores output (of `raykd score` or `raykd import-nrkd`).")
+@click.option("--out", required=True, help="NRKD tsv to write (.gz compresses).")
+@click.option("--teacher", default=None, help="Write this teacher's scores instead of the ensemble's.")
 @CONFIG_OPTION
-def export_nrkd(config_file):
-    """Write a scores output as Hofstätter's NRKD tsv (not available yet)."""
-    _not_yet("export-nrkd")()
+def export_nrkd(scores, out, teacher, config_file):
+    """Write a scores output as Hofstätter's NRKD tsv: pos_score, neg_score, qid, pos_pid, neg_pid."""
+    from raykd.stages.score import export_nrkd as run
+
+    n = run_stage(lambda _: run(scores, out, teacher), None)
+    click.echo(json.dumps({"out": out, "lines": n}))
 
 
-@main.command("import-nrkd", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command("import-nrkd")
+@click.option("--nrkd", default=None, help="NRKD tsv (e.g. the published T2 teacher scores), .gz ok.")
+@click.option("--out", default=None, help="Output URI of the scores.")
+@click.option("--teacher-name", default=None, help="Name for the file's teacher (default t2).")
+@click.option("--rows-per-part", type=int, default=None, help="Target triples per output part (default 100000).")
 @CONFIG_OPTION
-def import_nrkd(config_file):
-    """Turn an NRKD teacher tsv into a scores output (not available yet)."""
-    _not_yet("import-nrkd")()
+def import_nrkd(nrkd, out, teacher_name, rows_per_part, config_file):
+    """Turn an NRKD teacher tsv into a scores output that `raykd train` reads without scoring."""
+    from raykd.stages.score import ImportNrkdConfig
+    from raykd.stages.score import import_nrkd as run
+
+    cfg = config.build(ImportNrkdConfig, config_file, nrkd=nrkd, out=out, teacher_name=teacher_name,
+                       rows_per_part=rows_per_part)
+    manifest = run_stage(run, cfg)
+    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts}, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ train

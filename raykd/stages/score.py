@@ -648,3 +648,93 @@ def score(cfg: ScoreConfig) -> storage.Manifest:
     _log(f"done: {n_triples} triples, {stats['forward_passes_total']} forward passes "
          f"(naive {stats['naive_forward_passes']}), padded/real tokens {stats['padded_over_real']:.3f}")
     return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NRKD compatibility (Hofstätter et al.'s published teacher-score files)
+
+
+@dataclass
+class ImportNrkdConfig:
+    """Options of ``raykd import-nrkd``."""
+
+    SECTION = "import_nrkd"
+
+    nrkd: str = config.field("", help="NRKD tsv (pos_score, neg_score, qid, pos_pid, neg_pid), .gz ok.")
+    out: str = config.field("", help="Output URI of the scores (raykd.triple_scores).")
+    teacher_name: str = config.field("t2", help="Name of the (ensemble) teacher the file's scores came from.")
+    rows_per_part: int = config.field(100_000, help="Target triples per output part (parts are split by qid).")
+
+
+def import_nrkd(cfg: ImportNrkdConfig) -> storage.Manifest:
+    """Turn an NRKD file into a scores output that training reads like a ``score`` output. Duplicate triples
+    keep their first line's scores and are counted. Holds the file's numbers in memory (~33 bytes/triple)."""
+    from raykd.formats import nrkd
+
+    t0 = time.time()
+    if not cfg.nrkd or not cfg.out:
+        raise UserError("import-nrkd needs --nrkd FILE and --out URI")
+    name = fmt.teacher_names([cfg.teacher_name])[0]
+    batches = []
+    for i, b in enumerate(nrkd.iter_batches(cfg.nrkd)):
+        batches.append(b)
+        if i % 50 == 49:
+            _log(f"read {sum(x.num_rows for x in batches)} lines of {cfg.nrkd}")
+    if not batches:
+        raise UserError(f"{cfg.nrkd}: the NRKD file is empty (0 triples)")
+    t = pa.Table.from_batches(batches)
+    n_in = t.num_rows
+    qid, pos, neg = (t[c].to_numpy() for c in fmt.KEY_COLUMNS)
+    ps, ns = t["pos_score"].to_numpy(), t["neg_score"].to_numpy()
+    n_parts = max(1, -(-n_in // max(1, cfg.rows_per_part)))
+    part = part_of(qid, n_parts)
+    order = np.lexsort((np.arange(n_in), neg, pos, qid, part))
+    part, qid, pos, neg, ps, ns = part[order], qid[order], pos[order], neg[order], ps[order], ns[order]
+    first = np.ones(n_in, dtype=bool)
+    first[1:] = (qid[1:] != qid[:-1]) | (pos[1:] != pos[:-1]) | (neg[1:] != neg[:-1])
+    part, qid, pos, neg, ps, ns = part[first], qid[first], pos[first], neg[first], ps[first], ns[first]
+    bounds = np.searchsorted(part, np.arange(n_parts + 1))
+    names = []
+    for p in range(n_parts):
+        a, b = int(bounds[p]), int(bounds[p + 1])
+        if a == b:
+            continue
+        table = fmt.make_table(qid[a:b], pos[a:b], neg[a:b], {name: (ps[a:b], ns[a:b])}, [1.0])
+        storage.write_parquet_atomic(table, storage.join(cfg.out, "parts", fmt.part_name(p)))
+        names.append(fmt.part_name(p))
+    summary = {name: {"pos": summarize(ps), "neg": summarize(ns), "margin": summarize(ps - ns)}}
+    m = storage.write_manifest(
+        cfg.out,
+        "import-nrkd",
+        format=fmt.FORMAT,
+        format_version=fmt.VERSION,
+        config=storage.redact(config.to_dict(cfg)),
+        inputs={"nrkd": storage.redact(str(cfg.nrkd))},
+        counts={"triples": int(len(qid)), "triples_in": n_in, "duplicate_triples": int(n_in - len(qid)),
+                "parts": len(names)},
+        stats={"teachers": [name], "weights": [1.0], "score_summary": summary},
+        parts=[f"parts/{n}" for n in names],
+        timings={"total_s": round(time.time() - t0, 3)},
+    )
+    _log(f"imported {len(qid)} triples ({n_in - len(qid)} duplicates dropped) into {len(names)} part(s)")
+    return m
+
+
+def export_nrkd(scores_uri: str, out_file: str, teacher: str | None = None) -> int:
+    """Write a scores output as an NRKD tsv (the ensemble's scores, or one ``teacher``'s); returns the lines."""
+    from raykd.formats import nrkd
+
+    s = fmt.TripleScores(scores_uri)
+    if teacher is not None and teacher not in s.teachers:
+        raise UserError(f"{scores_uri}: no teacher {teacher!r}; it has {', '.join(s.teachers)}")
+    pos_col = fmt.teacher_column("pos", teacher) if teacher else "pos_score"
+    neg_col = fmt.teacher_column("neg", teacher) if teacher else "neg_score"
+
+    def batches():
+        for b in s.iter_batches(["qid", "pos_pid", "neg_pid", pos_col, neg_col]):
+            t = pa.Table.from_batches([b])
+            yield t.rename_columns(["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"])
+
+    n = nrkd.write(out_file, batches())
+    _log(f"wrote {n} lines to {storage.redact(out_file)}")
+    return n
