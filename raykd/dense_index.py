@@ -1,0 +1,257 @@
+"""The dense index format (``raykd.dense_index`` v1) and searching it: one shard at a time, or merged.
+
+Layout under the index URI (what ``raykd index`` writes)::
+
+    shards/shard-NNNNN/ids.parquet      pid int64, doc_id string; row i is the shard's Faiss label i
+    shards/shard-NNNNN/vectors.npy      float32 (rows, dim) passage vectors, same row order
+    shards/shard-NNNNN/encoded.json     commit point of the shard's vectors: rows, dim, first_row
+    shards/shard-NNNNN/index.faiss      the shard's Faiss index (faiss.serialize_index), inner product
+    shards/shard-NNNNN/shard.json       commit point of the shard's index: rows, dim, first_row, factory, ntotal
+    trained.faiss                       (IVF/PQ factories only) the trained, empty index every shard starts from,
+                                        so all shards share ONE coarse quantizer (and PQ codebooks)
+    merged/index.faiss, merged/ids.parquet, merged/merged.json   (only if a merge was asked for)
+    manifest.json                       stage "index"; inputs.encoder = the resolved encoder spec (search
+                                        encodes queries with it), config.factory, counts.dim, parts = the
+                                        shard table [{name, rows, first_row}], stats, timings; written last
+
+Shard s holds the corpus rows ``[first_row, first_row + rows)`` in the text store's part order; global row =
+``first_row + label``. Scores are inner products (for an L2-normalised encoder: cosine).
+
+Two ways to search a sharded index, with the same ranking as one flat index over all vectors (ties aside):
+(a) :func:`merge` puts every shard into one index (IVF: ``merge_from``, the shared quantizer makes that exact;
+Flat: codes appended; HNSW cannot be merged, so its vectors are re-added: the one case that holds all
+vectors in memory, and only when the user asks for a merge);
+(b) :meth:`DenseIndex.search` over the shard set loads one shard at a time, searches it (on all GPUs when
+``faiss.get_num_gpus() > 0``) and keeps the running top-k, so no process holds more than one shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from raykd import storage
+from raykd.errors import FormatError, UserError
+
+FORMAT = "raykd.dense_index"
+VERSION = 1
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+# ------------------------------------------------------------------------------------------- faiss helpers
+def new_index(dim: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UserError(f"Faiss index factory {factory!r} is not valid: {str(e).splitlines()[-1]}") from None
+
+
+def to_bytes(index: faiss.Index) -> bytes:
+    if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_gpu_to_cpu"):
+        try:
+            index = faiss.index_gpu_to_cpu(index)
+        except (RuntimeError, TypeError):
+            pass
+    return faiss.serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def set_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    ps = faiss.ParameterSpace()
+    if nprobe:
+        try:
+            ps.set_index_parameter(index, "nprobe", int(nprobe))
+        except RuntimeError:
+            pass
+    if ef_search:
+        try:
+            ps.set_index_parameter(index, "efSearch", int(ef_search))
+        except RuntimeError:
+            pass
+
+
+def maybe_gpu(index: faiss.Index) -> faiss.Index:
+    """The index on all GPUs when Faiss sees any (HNSW has no GPU version and stays on CPU)."""
+    if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus") and "HNSW" not in type(index).__name__:
+        try:
+            return faiss.index_cpu_to_all_gpus(index)
+        except (RuntimeError, AttributeError):
+            return index
+    return index
+
+
+def save_npy(array: np.ndarray, uri: str) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def load_npy(uri: str) -> np.ndarray:
+    if not storage.is_s3(uri):
+        return np.load(storage.filesystem(uri)[1], mmap_mode="r", allow_pickle=False)
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+
+
+def write_json(uri: str, obj: dict) -> None:
+    storage.write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.read_bytes(uri))
+
+
+def topk_merge(
+    scores: np.ndarray, rows: np.ndarray, new_scores: np.ndarray, new_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of two (nq, *) score/row arrays; Faiss pads missing results with label -1."""
+    s = np.concatenate([scores, new_scores], axis=1)
+    r = np.concatenate([rows, new_rows], axis=1)
+    s = np.where(r < 0, -np.inf, s)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass
+class Shard:
+    name: str
+    rows: int
+    first_row: int
+
+
+class DenseIndex:
+    """A finished dense index (refuses one without a finished manifest)."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+        self.manifest = storage.read_manifest(self.uri, stage="index", format=FORMAT)
+        self.dim = int(self.manifest["counts"]["dim"])
+        self.factory = self.manifest["config"]["factory"]
+        self.shards = [Shard(s["name"], int(s["rows"]), int(s["first_row"])) for s in self.manifest["parts"]]
+        self.encoder = self.manifest["inputs"]["encoder"]
+        self._ids: pa.Table | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def has_merged(self) -> bool:
+        return storage.exists(storage.join(self.uri, "merged", "merged.json"))
+
+    def shard_uri(self, shard: Shard, name: str = "") -> str:
+        return storage.join(self.uri, "shards", shard.name, name)
+
+    def load_shard(self, shard: Shard) -> faiss.Index:
+        uri = self.shard_uri(shard, "index.faiss")
+        index = from_bytes(storage.read_bytes(uri))
+        if index.d != self.dim:
+            raise FormatError(uri, None, f"vector dimension {index.d}, but the index manifest says {self.dim}: "
+                                         f"shards of one index must come from one encoder")
+        if index.ntotal != shard.rows:
+            raise FormatError(uri, None, f"{index.ntotal} vectors, but the manifest says {shard.rows}")
+        return index
+
+    def shard_vectors(self, shard: Shard) -> np.ndarray:
+        uri = self.shard_uri(shard, "vectors.npy")
+        v = load_npy(uri)
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise FormatError(uri, None, f"vectors of shape {v.shape}; expected (rows, {self.dim})")
+        return v
+
+    def ids(self) -> pa.Table:
+        """pid and doc_id of every global row (shards in order)."""
+        if self._ids is None:
+            self._ids = pa.concat_tables(
+                [storage.read_parquet(self.shard_uri(s, "ids.parquet")) for s in self.shards]
+            )
+        return self._ids
+
+    def iter_shards(self) -> Iterator[tuple[Shard, faiss.Index]]:
+        for s in self.shards:
+            yield s, self.load_shard(s)
+
+    def search(
+        self, queries: np.ndarray, k: int, use: str = "auto", nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)`` of shape (nq, k), best first; rows are global rows (-1 where fewer than k).
+        ``use``: ``merged`` (the merged index), ``shards`` (the shard set, top-k merged) or ``auto``."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise UserError(f"query vectors of shape {queries.shape} do not match the index dimension {self.dim}")
+        if use not in ("auto", "merged", "shards"):
+            raise UserError(f"use must be auto, merged or shards, not {use!r}")
+        if use == "merged" and not self.has_merged():
+            raise UserError(f"{self.uri} has no merged index; build it with `raykd index ... --merge`")
+        if use == "merged" or (use == "auto" and self.has_merged()):
+            index = maybe_gpu(from_bytes(storage.read_bytes(storage.join(self.uri, "merged", "index.faiss"))))
+            set_search_params(index, nprobe, ef_search)
+            scores, rows = index.search(queries, k)
+            return scores, rows
+        nq = len(queries)
+        scores = np.full((nq, 0), -np.inf, dtype=np.float32)
+        rows = np.full((nq, 0), -1, dtype=np.int64)
+        for shard, index in self.iter_shards():
+            index = maybe_gpu(index)
+            set_search_params(index, nprobe, ef_search)
+            d, i = index.search(queries, min(k, max(shard.rows, 1)))
+            i = np.where(i < 0, -1, i + shard.first_row)
+            scores, rows = topk_merge(scores, rows, d, i, k)
+            del index
+        return scores, rows
+
+
+# ------------------------------------------------------------------------------------------- merging
+def merge(index_uri: str) -> dict:
+    """Write ``merged/`` (one index over every shard's vectors, global row = label) and return its summary."""
+    di_manifest = storage.read_manifest(index_uri, stage="index", format=FORMAT)
+    return merge_shards(index_uri, di_manifest["parts"], int(di_manifest["counts"]["dim"]),
+                        di_manifest["config"]["factory"])
+
+
+def merge_shards(index_uri: str, shards: list[dict], dim: int, factory: str) -> dict:
+    t0 = time.time()
+    trained_uri = storage.join(index_uri, "trained.faiss")
+    merged = from_bytes(storage.read_bytes(trained_uri)) if storage.exists(trained_uri) else new_index(dim, factory)
+    is_ivf = _is_ivf(merged)
+    can_merge = is_ivf or isinstance(merged, faiss.IndexFlatCodes)
+    ids = []
+    for s in shards:
+        shard_dir = storage.join(index_uri, "shards", s["name"])
+        if can_merge:
+            part = from_bytes(storage.read_bytes(storage.join(shard_dir, "index.faiss")))
+            if part.d != dim:
+                raise FormatError(storage.join(shard_dir, "index.faiss"), None,
+                                  f"vector dimension {part.d}, expected {dim}")
+            merged.merge_from(part, merged.ntotal if is_ivf else 0)
+        else:  # HNSW and other graph indexes cannot merge: re-add the vectors (the requested in-memory merge)
+            merged.add(np.ascontiguousarray(load_npy(storage.join(shard_dir, "vectors.npy")), dtype=np.float32))
+        ids.append(storage.read_parquet(storage.join(shard_dir, "ids.parquet")))
+    out = storage.join(index_uri, "merged")
+    storage.write_bytes_atomic(storage.join(out, "index.faiss"), to_bytes(merged))
+    storage.write_parquet_atomic(pa.concat_tables(ids), storage.join(out, "ids.parquet"))
+    info = {"ntotal": int(merged.ntotal), "dim": dim, "factory": factory,
+            "method": "merge_from" if can_merge else "re-add vectors", "seconds": round(time.time() - t0, 3)}
+    write_json(storage.join(out, "merged.json"), info)
+    return info
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False

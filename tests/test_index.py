@@ -1,0 +1,206 @@
+"""The index stage and dense search on real weights and real data, plus the index format's guarantees.
+
+The MiniLM index of scifact-mini (1,000 docs, 3 shards) is built ONCE per session (encoding takes a minute on
+2 cores) and shared by the tests of this module."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from raykd import dense_index as dx
+from raykd import metrics, storage
+from raykd.errors import FormatError, UserError
+from raykd.formats import trec
+from raykd.stages.index import IndexConfig, index, plan_chunks, plan_shards
+from raykd.stages.search import SearchConfig, search
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="session")
+def scifact_mini_store(shared, tmp_path_factory) -> str:
+    from raykd.stages.prepare import PrepareConfig, prepare
+
+    out = str(tmp_path_factory.mktemp("scifact-mini-store"))
+    prepare(PrepareConfig(beir=str(shared("scifact-mini")), out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_index(ray_cluster, scifact_mini_store, minilm_path, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("minilm-index"))
+    index(IndexConfig(data=scifact_mini_store, encoder=minilm_path, pooling="mean", normalize=True, max_length=256,
+                      shards=3, merge=True, out=out))
+    return out
+
+
+def _search(store, idx, out, split="test", **kw):
+    search(SearchConfig(data=store, index=idx, split=split, out=out, **kw))
+    return trec.read_run(storage.join(out, "run.trec"))
+
+
+def _qrels(store, split):
+    from raykd.formats.store import TextStore
+    from raykd.stages.search import store_qrels
+
+    return store_qrels(TextStore(store), split)
+
+
+# ------------------------------------------------------------------------------------------- pure planning
+def test_shards_are_contiguous_row_ranges_and_chunks_cover_them_once():
+    shards = plan_shards(10, 3)
+    assert [(s["first_row"], s["rows"]) for s in shards] == [(0, 3), (3, 3), (6, 4)]
+    chunks = plan_chunks([("p0", 4), ("p1", 6)], shards, {0, 1, 2}, chunk_rows=2)
+    rows = [r for c in chunks for r in range(c["first"], c["first"] + c["hi"] - c["lo"])]
+    assert rows == list(range(10))
+    assert all(shards[c["shard"]]["first_row"] <= c["first"] for c in chunks)
+    with pytest.raises(UserError, match="more than the corpus"):
+        plan_shards(2, 3)
+
+
+def test_topk_merge_of_shard_results_equals_global_topk():
+    rng = np.random.default_rng(0)
+    x, q = rng.standard_normal((50, 8)).astype("float32"), rng.standard_normal((4, 8)).astype("float32")
+    flat = faiss.IndexFlatIP(8)
+    flat.add(x)
+    want_s, want_i = flat.search(q, 7)
+    s = np.full((4, 0), -np.inf, "float32")
+    r = np.full((4, 0), -1, "int64")
+    for lo, hi in ((0, 20), (20, 21), (21, 50)):
+        part = faiss.IndexFlatIP(8)
+        part.add(x[lo:hi])
+        d, i = part.search(q, 7)
+        s, r = dx.topk_merge(s, r, d, np.where(i < 0, -1, i + lo), 7)
+    assert np.array_equal(r, want_i) and np.allclose(s, want_s)
+
+
+# ------------------------------------------------------------------------------------------- real weights
+@pytest.mark.slow
+def test_minilm_scifact_mini_ndcg10_matches_reference(minilm_index, scifact_mini_store, tmp_path):
+    m = storage.read_manifest(minilm_index, stage="index")
+    assert m["counts"] == {"passages": 1000, "shards": 3, "dim": 384}
+    assert [p["rows"] for p in m["parts"]] == [333, 333, 334]
+    assert m["inputs"]["encoder"]["pooling"] == "mean" and m["inputs"]["encoder"]["normalize"] is True
+    run = _search(scifact_mini_store, minilm_index, str(tmp_path / "shards"), use="shards", k=1000)
+    ev = metrics.evaluate(run, _qrels(scifact_mini_store, "test"), ["nDCG@10"])
+    assert ev.num_queries == 100
+    assert ev.mean["nDCG@10"] == pytest.approx(0.7769, abs=0.001)
+    latency = storage.read_manifest(str(tmp_path / "shards"), stage="search")["stats"]["latency_ms"]
+    assert latency["query_encoding"] > 0 and latency["search"] > 0
+
+
+@pytest.mark.slow
+def test_sharded_merged_and_single_flat_index_agree(minilm_index, scifact_mini_store, tmp_path):
+    di = dx.DenseIndex(minilm_index)
+    assert di.has_merged() and di.ntotal == 1000
+    vectors = np.concatenate([np.asarray(di.shard_vectors(s)) for s in di.shards])
+    single = faiss.IndexFlatIP(di.dim)
+    single.add(vectors)
+    from raykd.encoders import DenseEncoder, EncoderSpec
+    from raykd.formats.store import TextStore
+
+    q = DenseEncoder(EncoderSpec(**di.encoder)).encode_queries(TextStore(scifact_mini_store).queries("test")["text"].to_pylist()[:20])
+    want_s, want_i = single.search(q, 100)
+    for use in ("shards", "merged"):
+        s, i = di.search(q, 100, use=use)
+        assert np.allclose(s, want_s, atol=1e-5), use
+        same = (i == want_i) | np.isclose(s, np.roll(s, 1, axis=1)) | np.isclose(s, np.roll(s, -1, axis=1))
+        assert same.all(), use  # identical rankings, ties aside
+    a = _search(scifact_mini_store, minilm_index, str(tmp_path / "a"), use="shards", k=50)
+    b = _search(scifact_mini_store, minilm_index, str(tmp_path / "b"), use="merged", k=50)
+    assert a.keys() == b.keys()
+    for qid in a:
+        assert [d for d, _ in trec.trec_order(a[qid])] == [d for d, _ in trec.trec_order(b[qid])]
+
+
+@pytest.mark.slow
+def test_hybrid_with_bm25_tuned_on_train(minilm_index, scifact_mini_store, tmp_path):
+    dense = str(tmp_path / "dense")
+    sparse = str(tmp_path / "bm25")
+    search(SearchConfig(data=scifact_mini_store, index=minilm_index, split="test", out=dense, k=100))
+    search(SearchConfig(data=scifact_mini_store, bm25=True, split="test", out=sparse, k=100))
+    hybrid = str(tmp_path / "hybrid")
+    m = search(SearchConfig(data=scifact_mini_store, hybrid=True, dense=dense, sparse=sparse, index=minilm_index,
+                            split="test", tune_split="train", out=hybrid, k=100))
+    tuning = m.stats["alpha_tuning"]
+    assert tuning["split"] == "train" and m.stats["alpha"] == tuning["best"] > 0
+    qrels = _qrels(scifact_mini_store, "test")
+    score = {n: metrics.evaluate(trec.read_run(storage.join(str(tmp_path / n), "run.trec")), qrels, ["nDCG@10"])
+             .mean["nDCG@10"] for n in ("dense", "bm25", "hybrid")}
+    # the paper's finding: the fused run beats both of its inputs
+    assert score["hybrid"] > max(score["dense"], score["bm25"]), score
+    assert m.stats["latency_ms"]["fusion"] > 0
+
+
+# ------------------------------------------------------------------------------------------- format, S3, resume
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_models):
+    return tiny_models("bert", "encoder", seed=3)
+
+
+@pytest.mark.slow
+def test_s3_index_searches_like_local_and_ivf_shards_share_a_quantizer(
+    ray_cluster, sample_store, tiny_encoder, s3_uri, tmp_path
+):
+    common = dict(data=sample_store, encoder=tiny_encoder, pooling="mean", shards=2, factory="IVF4,Flat",
+                  train_sample=500, merge=True, chunk_rows=128)
+    local = str(tmp_path / "idx")
+    index(IndexConfig(out=local, **common))
+    remote = storage.join(s3_uri, "idx")
+    m = index(IndexConfig(out=remote, **common))
+    assert storage.has_manifest(remote) and m.counts["shards"] == 2
+    # every shard's IVF starts from one trained index: identical coarse centroids
+    cents = []
+    for s in dx.DenseIndex(remote).shards:
+        ivf = faiss.extract_index_ivf(dx.DenseIndex(remote).load_shard(s))
+        cents.append(faiss.vector_to_array(faiss.downcast_index(ivf.quantizer).codes))
+    assert np.array_equal(cents[0], cents[1])
+    runs = {}
+    for name, idx in (("local", local), ("s3", remote)):
+        for use in ("shards", "merged"):
+            out = str(tmp_path / f"{name}-{use}") if name == "local" else storage.join(s3_uri, f"run-{use}")
+            search(SearchConfig(data=sample_store, index=idx, split="dev", out=out, k=20, use=use, nprobe=4))
+            runs[name, use] = trec.read_run(storage.join(out, "run.trec"))
+    assert runs["local", "shards"] == runs["s3", "shards"]
+    assert runs["local", "merged"] == runs["s3", "merged"]
+    for qid, docs in runs["local", "shards"].items():  # nprobe = nlist: IVF is exhaustive, merged = shard set
+        assert [d for d, _ in trec.trec_order(docs)] == [d for d, _ in trec.trec_order(runs["local", "merged"][qid])]
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_bad_shards_are_refused(ray_cluster, sample_store, tiny_encoder, tmp_path):
+    out = str(tmp_path / "idx")
+    cfg = IndexConfig(data=sample_store, encoder=tiny_encoder, shards=2, out=out, chunk_rows=256)
+    index(cfg)
+    again = index(cfg)
+    assert again.stats["resumed_shards"] == 2 and "encode_seconds" not in again.stats
+    with pytest.raises(UserError, match="another encoder or shard count"):
+        index(IndexConfig(data=sample_store, encoder=tiny_encoder, shards=3, out=out))
+    # a shard from an encoder of another dimension: refused with the file named, never silently searched
+    di = dx.DenseIndex(out)
+    bad = faiss.IndexFlatIP(di.dim + 8)
+    bad.add(np.zeros((di.shards[1].rows, di.dim + 8), "float32"))
+    storage.write_bytes_atomic(di.shard_uri(di.shards[1], "index.faiss"), dx.to_bytes(bad))
+    with pytest.raises(FormatError, match=r"shard-00001/index.faiss: vector dimension 72, but the index manifest says 64"):
+        di.search(np.zeros((1, di.dim), "float32"), 5, use="shards")
+    # the same at build time: shards encoded with different dimensions
+    enc = storage.join(out, "shards", "shard-00001", "encoded.json")
+    info = json.loads(storage.read_bytes(enc))
+    storage.write_bytes_atomic(enc, json.dumps({**info, "dim": 72}).encode())
+    storage.write_bytes_atomic(storage.join(out, "manifest.json"), b"{}")  # pretend the first run never finished
+    import os
+
+    os.remove(storage.join(out, "manifest.json"))
+    with pytest.raises(UserError, match="different vector dimensions"):
+        index(cfg)
+
+
+def test_bad_factory_and_missing_inputs(sample_store, tmp_path):
+    with pytest.raises(UserError, match="factory 'IVFx,Flat' is not valid"):
+        index(IndexConfig(data=sample_store, encoder="x", out=str(tmp_path / "i"), factory="IVFx,Flat"))
+    with pytest.raises(UserError, match="needs --data"):
+        index(IndexConfig(encoder="x"))
