@@ -184,27 +184,100 @@ def train(config_file):
 
 
 # ------------------------------------------------------------------------------------------------ index
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command()
+@click.option("--data", default=None, help="Text store URI (made by `raykd prepare`).")
+@click.option("--encoder", default=None, help="HF encoder name/path or a raykd BERT_DOT/TCT checkpoint.")
+@click.option("--pooling", type=click.Choice(["cls", "mean"]), default=None, help="Pooling (default: checkpoint's, else cls).")
+@click.option("--normalize/--no-normalize", default=None, help="L2-normalise vectors (default: checkpoint's, else no).")
+@click.option("--max-length", type=int, default=None, help="Passage max tokens (default: checkpoint's, else 512).")
+@click.option("--query-max-length", type=int, default=None, help="Query max tokens, used by search (default 64).")
+@click.option("--query-prefix", default=None, help="Text put before every query.")
+@click.option("--passage-prefix", default=None, help="Text put before every passage.")
+@click.option("--shards", type=int, default=None, help="Number of shards (default 1).")
+@click.option("--factory", default=None, help="Faiss index factory: Flat (default), IVF4096,Flat, IVF4096,PQ64, HNSW32.")
+@click.option("--train-sample", type=int, default=None, help="Vectors sampled to train IVF/PQ (default 100000).")
+@click.option("--merge/--no-merge", default=None, help="Also write one merged index over all shards.")
+@click.option("--actors", type=int, default=None, help="Encoder actors (default 1).")
+@click.option("--actor-cpus", type=float, default=None, help="Ray CPUs per actor (default 0.5).")
+@click.option("--actor-gpus", type=float, default=None, help="GPUs per actor (default 0).")
+@click.option("--batch-size", type=int, default=None, help="Passages per forward pass (default 32).")
+@click.option("--out", default=None, help="Output URI of the index.")
 @CONFIG_OPTION
-def index(config_file):
-    """Encode passages into sharded Faiss indexes (not available yet)."""
-    _not_yet("index")()
+def index(config_file, **flags):
+    """Encode passages into sharded Faiss indexes (resumable; see docs/retrieval.md)."""
+    from raykd.stages.index import IndexConfig
+    from raykd.stages.index import index as run
+
+    cfg = config.build(IndexConfig, config_file, **flags)
+    manifest = run_stage(run, cfg)
+    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts}, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ search
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command()
+@click.option("--data", default=None, help="Text store URI.")
+@click.option("--split", default=None, help="Query split to search (default test).")
+@click.option("--k", type=int, default=None, help="Results per query (default 1000).")
+@click.option("--out", default=None, help="Output URI: run.trec + run.parquet + manifest.")
+@click.option("--index", "index_uri", default=None, help="Dense index URI (dense retrieval).")
+@click.option("--use", type=click.Choice(["auto", "merged", "shards"]), default=None, help="Merged index or shard set.")
+@click.option("--nprobe", type=int, default=None, help="IVF lists probed.")
+@click.option("--ef-search", type=int, default=None, help="HNSW efSearch.")
+@click.option("--bm25", is_flag=True, default=None, help="BM25 retrieval (bm25s).")
+@click.option("--k1", type=float, default=None, help="BM25 k1 (default 0.9).")
+@click.option("--b", type=float, default=None, help="BM25 b (default 0.4).")
+@click.option("--stemmer", type=click.Choice(["porter", "english", "none"]), default=None, help="BM25 stemmer.")
+@click.option("--rerank", default=None, help="Candidate run to re-rank (file or search output).")
+@click.option("--scorer", default=None, help="Re-rank scorer: a raykd model folder or HF cross-encoder.")
+@click.option("--hybrid", is_flag=True, default=None, help="TCT Eq. 7 hybrid of --dense and --sparse.")
+@click.option("--dense", default=None, help="Hybrid: dense run.")
+@click.option("--sparse", default=None, help="Hybrid: sparse run.")
+@click.option("--alpha", type=float, default=None, help="Hybrid alpha (unset: tuned on --tune-split).")
+@click.option("--tune-split", default=None, help="Split whose qrels tune alpha (default train).")
+@click.option("--tune-dense", default=None, help="Dense run of --tune-split.")
+@click.option("--tune-sparse", default=None, help="Sparse run of --tune-split.")
+@click.option("--tune-measure", default=None, help="Measure alpha maximises (default nDCG@10).")
+@click.option("--alpha-grid", type=float, multiple=True, help="Alphas to try (repeatable).")
+@click.option("--batch-size", type=int, default=None, help="Queries per encoder pass / pairs per re-rank pass.")
+@click.option("--latency-queries", type=int, default=None, help="Also time N queries one at a time.")
+@click.option("--tag", default=None, help="Run tag.")
 @CONFIG_OPTION
-def search(config_file):
-    """Retrieve top-k runs: dense, BM25, re-rank, hybrid (not available yet)."""
-    _not_yet("search")()
+def search(config_file, index_uri, **flags):
+    """Retrieve top-k runs: dense, BM25, re-rank, hybrid."""
+    from raykd.stages.search import SearchConfig
+    from raykd.stages.search import search as run
+
+    cfg = config.build(SearchConfig, config_file, index=index_uri, **flags)
+    manifest = run_stage(run, cfg)
+    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts, "stats": manifest.stats}, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command()
+@click.option("--run", "run_", multiple=True, help="Run file or search output URI (repeatable).")
+@click.option("--qrels", default=None, help="Qrels file (TREC 4-column or BEIR tsv).")
+@click.option("--data", default=None, help="Text store whose --split qrels to use.")
+@click.option("--split", default=None, help="Split of --data.")
+@click.option("--metrics", "metrics_", multiple=True, help="Measure (repeatable or comma-separated), e.g. nDCG@10.")
+@click.option("--complete/--judged-only", default=None, help="Count judged queries missing from the run as 0.")
+@click.option("--names", multiple=True, help="Display names of the runs (repeatable).")
+@click.option("--out", default=None, help="Write metrics.json, per_query.parquet, report.md, efficiency.png here.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results (with per-query values).")
 @CONFIG_OPTION
-def evaluate(config_file):
-    """Compute trec_eval-exact metrics of a run (not available yet)."""
-    _not_yet("evaluate")()
+def evaluate(config_file, run_, metrics_, as_json, **flags):
+    """Compute trec_eval-exact metrics of runs (mean and per query)."""
+    from raykd.stages.evaluate import EvaluateConfig
+    from raykd.stages.evaluate import evaluate as run
+
+    measures = tuple(m for spec in metrics_ for m in spec.split(",") if m)
+    cfg = config.build(EvaluateConfig, config_file, run=run_, metrics=measures, **flags)
+    results = run_stage(run, cfg)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    from raykd.report import markdown
+
+    click.echo(markdown(results, list(cfg.metrics)), nl=False)
 
 
 # ------------------------------------------------------------------------------------------------ demo

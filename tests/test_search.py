@@ -1,0 +1,122 @@
+"""search: BM25, re-ranking, hybrid fusion and the run outputs; bad input gets a clear error."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raykd import fusion, metrics, storage
+from raykd.errors import FormatError, UserError
+from raykd.formats import trec
+from raykd.formats.store import TextStore
+from raykd.stages.search import SearchConfig, search, store_qrels
+
+
+@pytest.fixture(scope="module")
+def mini_store(shared, tmp_path_factory) -> str:
+    from raykd.stages.prepare import PrepareConfig, prepare
+
+    out = str(tmp_path_factory.mktemp("mini-store"))
+    prepare(PrepareConfig(beir=str(shared("scifact-mini")), out=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bm25_test(mini_store, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("bm25-test"))
+    search(SearchConfig(data=mini_store, bm25=True, split="test", k=100, out=out))
+    return out
+
+
+def test_bm25_run_files_and_effectiveness(bm25_test, mini_store):
+    m = storage.read_manifest(bm25_test, stage="search", format="raykd.run")
+    assert m["counts"]["queries"] == 100 and m["stats"]["mode"] == "bm25"
+    assert m["stats"]["latency_ms"]["search"] > 0
+    run = trec.read_run(storage.join(bm25_test, "run.trec"))
+    table = pq.read_table(storage.join(bm25_test, "run.parquet"))
+    assert table.num_rows == sum(len(d) for d in run.values()) and all(len(d) <= 100 for d in run.values())
+    first = table.filter(pa.compute.equal(table["rank"], 1)).to_pylist()[0]
+    assert trec.trec_order(run[first["query_id"]])[0][0] == first["doc_id"]
+    store = TextStore(mini_store)
+    assert store.doc_ids([first["pid"]]) == [first["doc_id"]]
+    # Porter-stemmed Lucene BM25 on scifact-mini test: README reference ~0.82 for plain BM25
+    ev = metrics.evaluate(run, store_qrels(store, "test"), ["nDCG@10"])
+    assert ev.mean["nDCG@10"] == pytest.approx(0.82, abs=0.02)
+
+
+def test_rerun_with_same_out_returns_the_finished_run(bm25_test, mini_store):
+    before = storage.read_bytes(storage.join(bm25_test, "manifest.json"))
+    search(SearchConfig(data=mini_store, bm25=True, split="test", k=100, out=bm25_test))
+    assert storage.read_bytes(storage.join(bm25_test, "manifest.json")) == before
+
+
+def test_rerank_scores_candidates_with_a_scorer(bm25_test, mini_store, tiny_models, tmp_path):
+    scorer = tiny_models("bert", "cross_encoder", seed=5)
+    out = str(tmp_path / "rr")
+    m = search(SearchConfig(data=mini_store, rerank=bm25_test, scorer=scorer, split="test", k=5, out=out))
+    assert m.stats["latency_ms"]["rerank"] > 0
+    got = trec.read_run(storage.join(out, "run.trec"))
+    cands = trec.read_run(storage.join(bm25_test, "run.trec"))
+    store = TextStore(mini_store)
+    from raykd.models.registry import load_scorer
+
+    model = load_scorer(scorer).eval()
+    q = next(iter(got))
+    assert set(got[q]) == {d for d, _ in trec.trec_order(cands[q])[:5]}  # the top-5 candidates, re-scored
+    qtext = dict(zip(store.queries("test")["query_id"].to_pylist(), store.queries("test")["text"].to_pylist()))[q]
+    pid = store.pid_of_doc_id()
+    docs = list(got[q])
+    want = model.score([qtext] * len(docs), store.passages([pid[d] for d in docs])).tolist()
+    assert [got[q][d] for d in docs] == pytest.approx(want, abs=1e-4)
+
+
+def test_rerank_refuses_runs_naming_unknown_ids(mini_store, tiny_models, tmp_path):
+    scorer = tiny_models("bert", "cross_encoder", seed=5)
+    bad = tmp_path / "bad.trec"
+    store = TextStore(mini_store)
+    q, d = store.queries("test")["query_id"].to_pylist()[0], store.doc_ids([0])[0]
+    bad.write_text(f"{q} Q0 {d} 1 2.0 x\n{q} Q0 NOT-A-DOC 2 1.0 x\n")
+    with pytest.raises(FormatError, match=r"bad.trec, line 2: document NOT-A-DOC is not in the corpus"):
+        search(SearchConfig(data=mini_store, rerank=str(bad), scorer=scorer, split="test", out=str(tmp_path / "o")))
+    bad.write_text(f"no-such-query Q0 {d} 1 2.0 x\n")
+    with pytest.raises(FormatError, match=r"line 1: query no-such-query is not in split 'test'"):
+        search(SearchConfig(data=mini_store, rerank=str(bad), scorer=scorer, split="test", out=str(tmp_path / "o")))
+
+
+def test_hybrid_with_given_alpha_is_eq7(bm25_test, mini_store, tmp_path):
+    # a second "dense" list: BM25 without stemming, so the two lists differ
+    other = str(tmp_path / "plain")
+    search(SearchConfig(data=mini_store, bm25=True, stemmer="none", split="test", k=100, out=other))
+    out = str(tmp_path / "h")
+    m = search(SearchConfig(data=mini_store, hybrid=True, dense=other, sparse=bm25_test, alpha=0.3, split="test",
+                            k=100, out=out))
+    assert m.stats["alpha"] == 0.3
+    want = fusion.hybrid(trec.read_run(storage.join(other, "run.trec")),
+                         trec.read_run(storage.join(bm25_test, "run.trec")), 0.3, 100)
+    got = trec.read_run(storage.join(out, "run.trec"))
+    assert got.keys() == want.keys()
+    for q in got:
+        assert got[q] == pytest.approx(want[q], rel=1e-6)
+    with pytest.raises(UserError, match="give --tune-dense and --tune-sparse"):
+        search(SearchConfig(data=mini_store, hybrid=True, dense=other, sparse=bm25_test, split="test",
+                            out=str(tmp_path / "h2")))
+
+
+def test_empty_query_and_missing_mode_are_errors(mini_store, tmp_path):
+    store = str(tmp_path / "store")
+    shutil.copytree(mini_store, store)
+    path = storage.join(store, "queries", "test.parquet")
+    t = pq.read_table(path)
+    texts = t["text"].to_pylist()
+    texts[3] = "   "
+    pq.write_table(t.set_column(t.schema.get_field_index("text"), "text", pa.array(texts)), path)
+    qid = t["query_id"][3].as_py()
+    with pytest.raises(FormatError, match=rf"test.parquet: row 3: query {qid} has an empty text"):
+        search(SearchConfig(data=store, bm25=True, split="test", out=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="search needs --index"):
+        search(SearchConfig(data=mini_store, split="test", out=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="choose one of"):
+        search(SearchConfig(data=mini_store, bm25=True, hybrid=True, split="test", out=str(tmp_path / "o")))
