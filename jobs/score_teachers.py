@@ -5,8 +5,10 @@
 With no arguments it scores the embedded sample: writes it (raykd.sample), prepares it into a text store and
 scores it with a default ensemble of two tiny cross-encoders (a BERT and an ALBERT from raykd.tiny). Those
 teachers are UNTRAINED (random weights): the run shows the machinery, not useful scores. Pass --teacher with
-fine-tuned cross-encoders (the demo passes its own) for real teacher scores. All other flags are those of
-`raykd score` (see `raykd score --help`).
+fine-tuned cross-encoders (the demo passes its own) for real teacher scores. `--sample-train-queries N` and
+`--sample-negatives N` size the default sample (default 200 x 100 = 20,000 triples). All other flags are
+those of `raykd score` (see `raykd score --help`). The default work folder is ./raykd-output/score-sample
+(environment RAYKD_SCORE_WORK overrides it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from raykd.cli import score as score_command  # noqa: E402
 DEFAULT_WORK = "raykd-output/score-sample"
 
 
-def default_inputs(work: str) -> list[str]:
+def default_inputs(work: str, spec_flags: dict) -> list[str]:
     """Write the embedded sample, prepare it and build the two tiny teachers; returns the flags to score it."""
     from raykd.sample import SampleSpec, write_sample
     from raykd.stages.prepare import PrepareConfig, prepare
@@ -31,7 +33,7 @@ def default_inputs(work: str) -> list[str]:
 
     raw, store = storage.join(work, "raw"), storage.join(work, "store")
     if not storage.has_manifest(store):
-        write_sample(raw, SampleSpec())
+        write_sample(raw, SampleSpec(**spec_flags))
         prepare(PrepareConfig(msmarco=raw, out=store))
     teachers = []
     for arch, seed in (("bert", 1), ("albert", 2)):
@@ -42,10 +44,24 @@ def default_inputs(work: str) -> list[str]:
     return ["--data", store, *teachers, "--out", storage.join(work, "scores")]
 
 
+def _pop_sample_flags(argv: list[str]) -> tuple[list[str], dict]:
+    """``--sample-train-queries N`` / ``--sample-negatives N`` size the default sample (SampleSpec)."""
+    spec, rest, i = {}, [], 0
+    while i < len(argv):
+        if argv[i] in ("--sample-train-queries", "--sample-negatives") and i + 1 < len(argv):
+            spec[argv[i].removeprefix("--sample-").replace("-", "_")] = int(argv[i + 1])
+            i += 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, spec
+
+
 def main(argv: list[str]) -> None:
+    argv, spec = _pop_sample_flags(argv)
     if "--data" not in argv and not any(a.startswith("--config") for a in argv):
         work = os.environ.get("RAYKD_SCORE_WORK", DEFAULT_WORK)
-        argv = default_inputs(work) + [a for a in argv]
+        argv = default_inputs(work, spec) + argv
     score_command.main(args=argv, prog_name="score_teachers.py", standalone_mode=True)
 
 
