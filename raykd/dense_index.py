@@ -225,7 +225,8 @@ def merge(index_uri: str) -> dict:
 def merge_shards(index_uri: str, shards: list[dict], dim: int, factory: str) -> dict:
     t0 = time.time()
     trained_uri = storage.join(index_uri, "trained.faiss")
-    merged = from_bytes(storage.read_bytes(trained_uri)) if storage.exists(trained_uri) else new_index(dim, factory)
+    # start from a deserialised index so its C++ type equals the shards' (merge_from compares types)
+    merged = from_bytes(storage.read_bytes(trained_uri) if storage.exists(trained_uri) else to_bytes(new_index(dim, factory)))
     is_ivf = _is_ivf(merged)
     can_merge = is_ivf or isinstance(merged, faiss.IndexFlatCodes)
     ids = []
