@@ -5,7 +5,8 @@ sample). Each query has three key terms; its relevant passage contains all of th
 writes each key term either as the word itself or as its planted synonym (``synonym_rate``), so exact term
 matching (BM25) finds only part of the signal and a learned model can find more. Hard negatives share one key
 term with the query. Every training query is repeated with ``negatives`` negatives in the id triples, the way
-MS MARCO repeats each (query, positive) pair ~100 times.
+MS MARCO repeats each (query, positive) pair ~100 times. Some negatives are other queries' positives, so the
+relevance cannot be learnt as a property of the passage alone.
 
 Files written (MS MARCO's official names, tab-separated, UTF-8):
 ``collection.tsv`` (pid, text), ``queries.train.tsv`` / ``queries.dev.small.tsv`` (qid, text),
@@ -24,6 +25,7 @@ CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 LEXICON_SIZE = 1600
 N_FILLER = 120
+N_KEYS = 150
 
 
 def lexicon() -> list[str]:
@@ -45,6 +47,7 @@ class SampleSpec:
     passages: int = 4000
     negatives: int = 100
     hard_negative_rate: float = 0.3
+    other_positive_rate: float = 0.3
     synonym_rate: float = 0.4
     passage_words: tuple[int, int] = (20, 45)
     text_triples: bool = False
@@ -55,11 +58,10 @@ def _vocab_split() -> tuple[list[str], list[str], dict[str, str]]:
     words = lexicon()
     filler = words[:N_FILLER]
     content = words[N_FILLER:]
-    half = len(content) // 2
-    synonyms = {}
-    for a, b in zip(content[:half], content[half : 2 * half]):
-        synonyms[a] = b
-    keys = content[:half]
+    # a small topical vocabulary, so that every key term (and its synonym) recurs across training queries and a
+    # model can learn the synonym pairs that exact term matching cannot see
+    keys = content[:N_KEYS]
+    synonyms = dict(zip(keys, content[N_KEYS : 2 * N_KEYS]))
     return filler, keys, synonyms
 
 
@@ -117,8 +119,15 @@ def generate(spec: SampleSpec) -> dict[str, list]:
     for qid in train_qids:
         pos = positives[qid]
         for _ in range(spec.negatives):
-            if hard[qid] and rng.random() < spec.hard_negative_rate:
+            r = rng.random()
+            if hard[qid] and r < spec.hard_negative_rate:
                 neg = rng.choice(hard[qid])
+            elif r < spec.hard_negative_rate + spec.other_positive_rate:
+                # another query's positive: a good passage, but not for this query, so a model cannot learn
+                # "this passage is a positive" and must match the query
+                neg = positives[rng.choice(train_qids)]
+                while neg == pos:
+                    neg = positives[rng.choice(train_qids)]
             else:
                 neg = rng.choice(all_pids)
                 while neg == pos:
