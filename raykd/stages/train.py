@@ -1,0 +1,568 @@
+"""train: distil a student from teacher scores on Ray Train (TorchTrainer, DDP; format ``raykd.student`` v1).
+
+Inputs: a text store (``--data``, :mod:`raykd.formats.store`) and a scores output (``--scores``,
+:mod:`raykd.formats.scores`; not needed by losses that need no teacher scores, e.g. ``labels``).
+
+Data path: the scores parts are read by Ray Data (``qid, pos_pid, neg_pid, pos_score, neg_score``), a small actor
+pool attaches the query and passage texts from the text store, and each training worker iterates its own
+shard (``get_dataset_shard``); the collate step (a background thread of the worker) tokenises with the
+student's tokenizer, so every optimizer step scores pos and neg in ONE forward pass.
+
+The loop: AdamW, linear warm-up then linear decay to 0, gradient accumulation (DDP ``no_sync`` between
+micro-batches), bf16 autocast on GPU, gradient clipping, seeds. The step itself is the loss's
+``batch_loss(model, batch, ctx)`` (:mod:`raykd.losses.registry`), the seam through which in-loop teachers
+(TCT-ColBERT) plug in.
+
+Output layout under ``--out``::
+
+    ray_train/checkpoint_*/         Ray Train checkpoints, the last ``keep_checkpoints`` kept; each holds
+        model/                      the student in HF format (loadable with raykd.models.registry.load_scorer)
+        training_state.pt           optimizer, scheduler, step, RNG
+        metrics.jsonl               the metrics history up to that step
+    model/                          the final student (HF format + raykd_model.json)
+    metrics.jsonl                   one JSON object per logged step / validation / resume event
+    manifest.json                   stage "train", format "raykd.student" v1; written last
+
+Resume: a worker that dies is replaced and training restarts from the latest checkpoint (``max_failures``).
+Re-running with the same ``--out`` after the driver died resumes from the latest checkpoint in ``ray_train/``;
+re-running a finished output returns its manifest. The data position is not restored: a resumed run continues
+the step count (and the learning-rate schedule) on a fresh pass over the shuffled data.
+
+Validation (rank 0, at every ``validate_every`` steps and at the end): re-ranking MRR@10 over ``val_queries``
+queries of ``val_split`` that have qrels; each query's candidates are its relevant passages plus
+``val_negatives`` passages drawn uniformly from the corpus with a fixed seed (no BM25 needed; the same
+candidates in every run, so numbers are comparable across students). Ties rank negatives first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from raykd import storage
+from raykd.config import field
+from raykd.errors import UserError
+from raykd.log import get_logger
+
+log = get_logger("train")
+
+FORMAT = "raykd.student"
+VERSION = 1
+RUN_NAME = "ray_train"
+
+
+@dataclass
+class TrainConfig:
+    SECTION = "train"
+
+    data: str | None = field(None, help="Text store URI (written by `raykd prepare`).")
+    scores: str | None = field(None, help="Scores output URI (`raykd score` / `raykd import-nrkd`).")
+    student: str = field("bert_dot", help="Student architecture: bert_dot, bert_cat, colbert, prettr or tk.")
+    init: str | None = field(None, help="Hub name or path the student starts from (TK: its word embeddings).")
+    loss: str = field("margin_mse", help="Loss: margin_mse, mse, ranknet, labels (no teacher), tct, ...")
+    out: str | None = field(None, help="Output URI: checkpoints, final model, metrics, manifest.")
+    workers: int = field(2, help="Ray Train workers (DDP processes; one per GPU on a cluster).")
+    use_gpu: bool = field(False, help="One GPU per worker; bf16 autocast.")
+    cpus_per_worker: float = field(0.5, help="CPUs per worker (fractional is fine; whole CPUs can starve reads).")
+    batch_size: int = field(32, help="Triples per worker per micro-batch.")
+    grad_accum: int = field(1, help="Micro-batches per optimizer step.")
+    steps: int | None = field(None, help="Optimizer steps in total (default: from epochs).")
+    epochs: float = field(1.0, help="Passes over the triples when steps is not given.")
+    lr: float = field(7e-6, help="AdamW peak learning rate (the paper's 7e-6 for BERT students).")
+    weight_decay: float = field(0.01, help="AdamW weight decay.")
+    warmup_steps: int = field(0, help="Linear warm-up steps, then linear decay to 0.")
+    clip_norm: float = field(1.0, help="Gradient clipping max norm (0: off).")
+    seed: int = field(42, help="Seed of model heads, data order and validation candidates.")
+    checkpoint_every: int = field(500, help="Checkpoint every N optimizer steps (and at the end).")
+    keep_checkpoints: int = field(2, help="Keep the last N checkpoints.")
+    validate_every: int | None = field(None, help="Validate every N steps (default: at checkpoints).")
+    val_split: str = field("dev", help="Query split of the store used for validation.")
+    val_queries: int = field(100, help="Validation queries (0: no validation).")
+    val_negatives: int = field(29, help="Random corpus negatives per validation query.")
+    log_every: int = field(10, help="Report metrics every N steps.")
+    max_failures: int = field(3, help="Worker failures to recover from (restarting from the last checkpoint).")
+    bf16: bool = field(True, help="bf16 autocast on GPU.")
+    shuffle_buffer: int = field(2000, help="Local shuffle buffer (rows) per worker; 0: off.")
+    data_workers: int = field(1, help="Actors attaching texts to the triples.")
+    torch_threads: int | None = field(None, help="torch threads per worker (default: max(1, cpus_per_worker)).")
+    query_max_length: int | None = field(None, help="Student query max tokens (default: the student's).")
+    passage_max_length: int | None = field(None, help="Student passage max tokens (default: the student's).")
+    student_options: dict = field({}, help="Architecture options, e.g. {pooling: mean}, {split_layer: 3}, {dim: 128}.")
+    loss_options: dict = field({}, help="Options of the loss (e.g. TCT's {tau: 0.25, gamma: 0.1}).")
+    teacher: str | None = field(None, help="A teacher run inside the loop (losses that need one, e.g. tct).")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_config(cfg: TrainConfig):
+    from raykd.losses import get_loss
+    from raykd.models.registry import STUDENTS
+
+    for name in ("data", "init", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"train: --{name} is required")
+    if cfg.student not in STUDENTS:
+        raise UserError(f"unknown student {cfg.student!r}; known students: {', '.join(sorted(STUDENTS))}")
+    try:
+        spec = get_loss(cfg.loss)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if spec.needs_scores and not cfg.scores:
+        raise UserError(f"loss {cfg.loss} learns from teacher scores: give --scores (a `raykd score` output)")
+    for name in ("workers", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"train: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.cpus_per_worker <= 0:
+        raise UserError(f"train: cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
+    return spec
+
+
+def check_scores(scores) -> int:
+    """Scan the ensemble score columns; a NaN or infinite score fails with the part and row that hold it."""
+    n = 0
+    for uri in scores.part_uris:
+        row = 0
+        for batch in storage.iter_parquet_batches(uri, columns=["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"]):
+            for col in ("pos_score", "neg_score"):
+                v = batch.column(col).to_numpy(zero_copy_only=False)
+                bad = ~np.isfinite(v)
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    key = tuple(int(batch.column(k)[i].as_py()) for k in ("qid", "pos_pid", "neg_pid"))
+                    raise UserError(
+                        f"{uri}, row {row + i}: {col} is {v[i]} for triple (qid, pos_pid, neg_pid) = {key}; teacher "
+                        f"scores must be finite numbers: re-score these triples or drop them"
+                    )
+            row += batch.num_rows
+            n += batch.num_rows
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class AttachTexts:
+    """Ray Data actor: adds ``query``, ``positive``, ``negative`` texts to a batch of triples (pids -> texts from
+    the text store, held in memory once per actor)."""
+
+    def __init__(self, data_uri: str, split: str = "train"):
+        from raykd.formats.store import TextStore
+
+        self.store = TextStore(data_uri)
+        q = self.store.queries(split)
+        self.queries = dict(zip(q["qid"].to_pylist(), q["text"].to_pylist()))
+
+    def __call__(self, batch: dict) -> dict:
+        try:
+            batch["query"] = np.array([self.queries[int(x)] for x in batch["qid"]], dtype=object)
+        except KeyError as e:
+            raise UserError(f"{self.store.uri}: training qid {e.args[0]} has no query text in split 'train'") from None
+        batch["positive"] = np.array(self.store.passages(batch["pos_pid"]), dtype=object)
+        batch["negative"] = np.array(self.store.passages(batch["neg_pid"]), dtype=object)
+        return batch
+
+
+def _dataset(cfg: TrainConfig, spec, scores):
+    import ray.data
+
+    if scores is not None:
+        fs, _ = storage.arrow_filesystem(scores.uri)
+        paths = [storage.arrow_filesystem(u)[1] for u in scores.part_uris]
+        cols = ["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"]
+    else:
+        from raykd.formats.store import TextStore
+
+        store = TextStore(cfg.data)
+        if not store.has_triples():
+            raise UserError(f"{cfg.data}: the text store has no training triples")
+        fs, _ = storage.arrow_filesystem(store.triples_uri)
+        paths = [storage.arrow_filesystem(u)[1] for u in storage.parquet_parts(store.triples_uri)]
+        cols = ["qid", "pos_pid", "neg_pid"]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, shuffle="files")
+    ds = ds.map_batches(
+        AttachTexts,
+        fn_constructor_args=(cfg.data,),
+        batch_format="numpy",
+        batch_size=1024,
+        num_cpus=0.25,
+        concurrency=max(1, cfg.data_workers),
+    )
+    return ds
+
+
+class TripleCollate:
+    """The collate step, run in each worker's prefetch thread: texts -> the student's tokenised inputs."""
+
+    def __init__(self, model, spec):
+        self.model, self.spec = model, spec
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        queries = [str(x) for x in batch["query"]]
+        positives = [str(x) for x in batch["positive"]]
+        negatives = [str(x) for x in batch["negative"]]
+        out = {
+            "features": self.spec.features(self.model, queries, positives, negatives),
+            "queries": queries,
+            "positives": positives,
+            "negatives": negatives,
+            "size": len(queries),
+        }
+        if "pos_score" in batch:
+            out["teacher_pos"] = torch.tensor(np.array(batch["pos_score"], dtype=np.float32))
+            out["teacher_neg"] = torch.tensor(np.array(batch["neg_score"], dtype=np.float32))
+        return out
+
+
+def _collate_class():
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class _Collate(NumpyBatchCollateFn, TripleCollate):
+        def __init__(self, model, spec):
+            TripleCollate.__init__(self, model, spec)
+
+        def __call__(self, batch):
+            return TripleCollate.__call__(self, batch)
+
+    return _Collate
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def validation_set(cfg: TrainConfig) -> list[dict]:
+    """``[{qid, query, passages, relevant}]``: each chosen query's relevant passages plus random negatives."""
+    from raykd.formats.store import TextStore
+
+    if cfg.val_queries <= 0:
+        return []
+    store = TextStore(cfg.data)
+    if cfg.val_split not in store.splits or not store.has_qrels(cfg.val_split):
+        log.warning("no validation: the store has no queries+qrels for split %r (has %s)", cfg.val_split, store.splits)
+        return []
+    q = store.queries(cfg.val_split)
+    texts = dict(zip(q["qid"].to_pylist(), q["text"].to_pylist()))
+    qrels = store.qrels(cfg.val_split)
+    rel: dict[int, set] = {}
+    for qid, pid, r in zip(qrels["qid"].to_pylist(), qrels["pid"].to_pylist(), qrels["relevance"].to_pylist()):
+        if r > 0 and qid in texts:
+            rel.setdefault(qid, set()).add(pid)
+    rng = random.Random(cfg.seed)
+    qids = sorted(rel)
+    rng.shuffle(qids)
+    qids = sorted(qids[: cfg.val_queries])
+    all_pids = store.corpus(columns=["pid"])["pid"].to_numpy()
+    out = []
+    for qid in qids:
+        negs: list[int] = []
+        while len(negs) < min(cfg.val_negatives, len(all_pids) - len(rel[qid])):
+            pid = int(all_pids[rng.randrange(len(all_pids))])
+            if pid not in rel[qid] and pid not in negs:
+                negs.append(pid)
+        pids = negs + sorted(rel[qid])  # negatives first: a tie never helps the student
+        out.append({"qid": qid, "query": texts[qid], "passages": store.passages(pids),
+                    "relevant": [p in rel[qid] for p in pids]})
+    return out
+
+
+def mrr_at_10(model, val: list[dict], batch_size: int = 64) -> float:
+    """Mean reciprocal rank of the first relevant candidate within the top 10 (0 when none is)."""
+    import torch
+
+    if not val:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for item in val:
+            scores = []
+            for i in range(0, len(item["passages"]), batch_size):
+                ps = item["passages"][i : i + batch_size]
+                feats = model.tokenize([item["query"]] * len(ps), ps) if not model.grouped_passages else model.tokenize(
+                    [item["query"]], ps)
+                scores.append(model(**{k: v.to(device) for k, v in feats.items()}).float().cpu())
+            s = torch.cat(scores).numpy()
+            order = np.argsort(-s, kind="stable")
+            for rank, j in enumerate(order[:10], 1):
+                if item["relevant"][j]:
+                    total += 1.0 / rank
+                    break
+    model.train(was_training)
+    return total / len(val)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def _save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], d: str) -> None:
+    import torch
+
+    model.save_pretrained(os.path.join(d, "model"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": torch.get_rng_state()}, os.path.join(d, "training_state.pt"))
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    """What every Ray Train worker runs (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raykd.losses import BatchContext, get_loss
+    from raykd.models.registry import load_scorer, load_student
+
+    cfg = TrainConfig(**loop_cfg["config"])
+    total_steps, val = loop_cfg["total_steps"], loop_cfg["val"]
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # same random heads on every rank (DDP also broadcasts rank 0's)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - logging only
+        pass
+    spec = get_loss(cfg.loss)
+    opts = {**cfg.student_options, "query_max_length": cfg.query_max_length,
+            "passage_max_length": cfg.passage_max_length}
+    bare = load_student(cfg.student, cfg.init, **opts)
+    bare.train()
+    device = ray.train.torch.get_device()
+
+    history: list[dict] = []
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            bare.load_state_dict(load_scorer(os.path.join(d, "model")).state_dict())
+            state = torch.load(os.path.join(d, "training_state.pt"), map_location="cpu", weights_only=False)
+            with open(os.path.join(d, "metrics.jsonl")) as f:
+                history = [json.loads(line) for line in f if line.strip()]
+        step = int(state["step"])
+        history.append({"event": "resumed", "step": step, "time": time.time()})
+        print(f"[raykd.train rank {rank}] resumed from checkpoint at step {step}", flush=True)
+
+    model = ray.train.torch.prepare_model(bare)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+
+    ctx = BatchContext(device=device, rank=rank, world_size=world, step=step, options=dict(cfg.loss_options),
+                       config=dataclasses.asdict(cfg))
+    if spec.setup is not None:
+        spec.setup(ctx)
+    autocast = device.type == "cuda" and cfg.bf16
+    validate_every = cfg.validate_every or cfg.checkpoint_every
+    shard = ray.train.get_dataset_shard("train")
+    collate = _collate_class()(bare, spec)
+    no_sync = getattr(model, "no_sync", None)
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if with_checkpoint and rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                _save_checkpoint(bare, optimizer, scheduler, step, history, d)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    if step == 0 and val and rank == 0:
+        history.append({"event": "validation", "step": 0, "mrr@10": mrr_at_10(bare, val), "time": time.time()})
+        print(f"[raykd.train] step 0 validation MRR@10 {history[-1]['mrr@10']:.4f}", flush=True)
+
+    epoch = 0
+    micro = 0
+    t_last, triples_since, loss_sum, loss_n, stats_last = time.time(), 0, 0.0, 0, {}
+    while step < total_steps:
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=collate, drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
+        ):
+            batch["features"] = {k: v.to(device) for k, v in batch["features"].items()}
+            ctx.step = step
+            sync_now = (micro + 1) % cfg.grad_accum == 0
+            cm = no_sync() if (no_sync is not None and not sync_now) else _null()
+            with cm:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss, stats = spec.step_loss(model, batch, ctx)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {float(loss)} at step {step}: check the scores and the lr")
+                (loss / cfg.grad_accum).backward()
+            micro += 1
+            loss_sum, loss_n, stats_last = loss_sum + float(loss.detach()), loss_n + 1, stats
+            triples_since += batch["size"] * world
+            if not sync_now:
+                continue
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            do_log = step % cfg.log_every == 0 or step == total_steps
+            do_val = bool(val) and (step % validate_every == 0 or step == total_steps)
+            do_ckpt = step % cfg.checkpoint_every == 0 or step == total_steps
+            if do_log or do_ckpt or do_val:
+                loss_t = torch.tensor([loss_sum / max(1, loss_n)], device=device)
+                if world > 1:
+                    torch.distributed.all_reduce(loss_t)
+                    loss_t /= world
+                now = time.time()
+                metrics = {"step": step, "epoch": epoch, "loss": float(loss_t), "lr": scheduler.get_last_lr()[0],
+                           "triples_per_s": triples_since / max(now - t_last, 1e-9), **stats_last}
+                t_last, triples_since, loss_sum, loss_n = now, 0, 0.0, 0
+                if do_val and rank == 0:
+                    metrics["val_mrr@10"] = mrr_at_10(bare, val)
+                if rank == 0:
+                    history.append({**metrics, "time": now})
+                    print(f"[raykd.train] step {step}/{total_steps} loss {metrics['loss']:.4f} "
+                          f"{metrics['triples_per_s']:.0f} triples/s"
+                          + (f" val MRR@10 {metrics['val_mrr@10']:.4f}" if "val_mrr@10" in metrics else ""),
+                          flush=True)
+                report(metrics, do_ckpt)
+            if step >= total_steps:
+                break
+        epoch += 1
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _upload_dir(local: str, uri: str) -> list[str]:
+    written = []
+    for root, _, files in os.walk(local):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), local)
+            with open(os.path.join(root, name), "rb") as f:
+                storage.write_bytes_atomic(storage.join(uri, rel), f.read())
+            written.append(rel)
+    return written
+
+
+def train(cfg: TrainConfig) -> storage.Manifest:
+    """Run (or resume, or return the finished) training described by ``cfg``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raykd.formats.scores import TripleScores
+    from raykd.formats.store import TextStore
+
+    spec = _check_config(cfg)
+    if storage.has_manifest(cfg.out):
+        m = storage.read_manifest(cfg.out, stage="train", format=FORMAT)
+        log.info("%s is already a finished training output; nothing to do", cfg.out)
+        return storage.Manifest(**{k: m[k] for k in storage.Manifest.__dataclass_fields__ if k in m})
+    t0 = time.time()
+    TextStore(cfg.data)  # fails early on an unfinished store
+    scores = TripleScores(cfg.scores) if spec.needs_scores or cfg.scores else None
+    if scores is not None:
+        log.info("checking teacher scores in %s", cfg.scores)
+        n_triples = check_scores(scores)
+    else:
+        n_triples = int(TextStore(cfg.data).manifest["counts"].get("triples", 0))
+    if n_triples == 0:
+        raise UserError("train: no training triples")
+    per_step = cfg.batch_size * cfg.workers * cfg.grad_accum
+    if n_triples < cfg.batch_size * cfg.workers:
+        raise UserError(f"train: {n_triples} triples cannot fill one batch of {cfg.batch_size} on {cfg.workers} workers")
+    total_steps = cfg.steps or max(1, math.floor(cfg.epochs * n_triples / per_step))
+    val = validation_set(cfg)
+    log.info("training %s on %s triples with %s: %d steps of %d triples, %d workers, %d validation queries",
+             cfg.student, f"{n_triples:,}", cfg.loss, total_steps, per_step, cfg.workers, len(val))
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": storage.worker_env()})
+    fs, path = storage.arrow_filesystem(cfg.out)
+    if not storage.is_s3(cfg.out):
+        os.makedirs(path, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dataclasses.asdict(cfg), "total_steps": total_steps, "val": val},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": storage.worker_env()},
+        ),
+        datasets={"train": _dataset(cfg, spec, scores)},
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's error; keep its message, say how to resume
+        raise RuntimeError(
+            f"training failed: {e}\n(re-run with the same --out to resume from the latest checkpoint)"
+        ) from e
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; nothing to save")
+    with result.checkpoint.as_directory() as d:
+        files = _upload_dir(os.path.join(d, "model"), storage.join(cfg.out, "model"))
+        with open(os.path.join(d, "metrics.jsonl"), "rb") as f:
+            history_bytes = f.read()
+    storage.write_bytes_atomic(storage.join(cfg.out, "metrics.jsonl"), history_bytes)
+    history = [json.loads(line) for line in io.StringIO(history_bytes.decode()) if line.strip()]
+    vals = [h for h in history if "val_mrr@10" in h or h.get("event") == "validation"]
+    steps_logged = [h for h in history if "loss" in h]
+    final = steps_logged[-1] if steps_logged else {}
+    return storage.write_manifest(
+        cfg.out,
+        "train",
+        format=FORMAT,
+        format_version=VERSION,
+        config=dataclasses.asdict(cfg),
+        inputs={"data": cfg.data, "scores": cfg.scores, "init": cfg.init, "teacher": cfg.teacher},
+        counts={"triples": n_triples, "steps": int(final.get("step", total_steps)),
+                "triples_seen": int(final.get("step", total_steps)) * per_step, "validation_queries": len(val)},
+        stats={
+            "student": cfg.student,
+            "loss_name": cfg.loss,
+            "final_loss": final.get("loss"),
+            "val_mrr@10_initial": next((h["mrr@10"] for h in vals if h.get("event") == "validation"), None),
+            "val_mrr@10_final": next((h["val_mrr@10"] for h in reversed(vals) if "val_mrr@10" in h), None),
+            "resumes": sum(1 for h in history if h.get("event") == "resumed"),
+            "checkpoint": result.checkpoint.path,
+        },
+        parts=["model/" + f for f in files] + ["metrics.jsonl"],
+        timings={"total_s": time.time() - t0},
+    )
