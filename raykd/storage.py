@@ -293,3 +293,55 @@ def worker_env() -> dict[str, str]:
         "HF_HOME",
     ]
     return {k: os.environ[k] for k in keys if os.environ.get(k)}
+
+
+def local_dir(uri: str, cache_root: str | None = None) -> str:
+    """A local folder with the contents of ``uri``: the path itself for local URIs; for ``s3://`` a copy
+    downloaded once into ``cache_root`` (default ``$RAYKD_CACHE`` or ``~/.cache/raykd``), keyed by the URI and
+    refreshed when the folder's manifest (if any) changes. Models are loaded with ``from_pretrained`` from here.
+    Hub names (no scheme, not an existing path) pass through unchanged."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return _strip_file(uri)
+    import hashlib
+
+    root = cache_root or os.environ.get("RAYKD_CACHE") or os.path.expanduser("~/.cache/raykd")
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: does not exist")
+    stamp = ""
+    if fs.exists(path + "/" + MANIFEST):
+        stamp = fs.cat_file(path + "/" + MANIFEST).decode(errors="replace")
+    key = hashlib.sha256((uri + "\n" + stamp).encode()).hexdigest()[:20]
+    dest = os.path.join(root, "s3", key)
+    done = os.path.join(dest, ".raykd-complete")
+    if os.path.exists(done):
+        return dest
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp, exist_ok=True)
+    for src in fs.find(path):
+        rel = src[len(path) :].lstrip("/")
+        target = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(src, target)
+    open(os.path.join(tmp, ".raykd-complete"), "w").close()
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished the same download first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def upload_dir(local: str, uri: str) -> list[str]:
+    """Copy a local folder to ``uri`` file by file (each file atomically); returns the relative names."""
+    names = []
+    for dirpath, _, files in os.walk(local):
+        for name in sorted(files):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, local)
+            with open(full, "rb") as f:
+                write_bytes_atomic(join(uri, rel.replace(os.sep, "/")), f.read())
+            names.append(rel)
+    return sorted(names)
