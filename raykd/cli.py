@@ -281,11 +281,28 @@ def evaluate(config_file, run_, metrics_, as_json, **flags):
 
 
 # ------------------------------------------------------------------------------------------------ demo
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command()
+@click.option("--out", default=None, help="Where every stage writes (local path or s3://; default demo-out).")
+@click.option("--seed", type=int, default=None, help="Seed of the sample and of every training run.")
+@click.option("--workers", type=int, default=None, help="Ray Train workers per training run (default 2).")
+@click.option("--teacher-steps", type=int, default=None, help="Steps fine-tuning each teacher on the labels.")
+@click.option("--student-steps", type=int, default=None, help="Steps per student.")
+@click.option("--shards", type=int, default=None, help="Index shards (default 3, also merged).")
 @CONFIG_OPTION
-def demo(config_file):
-    """Run the whole pipeline on the embedded sample (not available yet)."""
-    _not_yet("demo")()
+def demo(out, seed, workers, teacher_steps, student_steps, shards, config_file):
+    """Run the whole pipeline on the embedded sample and print the results table.
+
+    sample -> prepare -> fine-tune two teachers -> score (ensemble) -> train students (Margin-MSE, labels-only
+    baseline, ColBERT, TCT-ColBERT) -> index (sharded, merged) -> search (BM25, dense, re-rank, hybrid) ->
+    evaluate -> report under OUT/report."""
+    from raykd.stages.demo import DemoConfig
+    from raykd.stages.demo import demo as run
+
+    cfg = config.build(DemoConfig, config_file, out=out, seed=seed, workers=workers, teacher_steps=teacher_steps,
+                       student_steps=student_steps, shards=shards)
+    summary = run_stage(run, cfg)
+    click.echo(summary["markdown"])
+    click.echo(f"report: {cfg.out.rstrip('/')}/report (report.md, metrics.json, efficiency.png, demo.json)")
 
 
 if __name__ == "__main__":
