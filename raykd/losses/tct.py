@@ -131,3 +131,124 @@ def tct_loss(
     else:
         kl = kl_distillation(student_scores, teacher_scores, tau)
     return (gamma * ce + (1.0 - gamma) * kl).mean()
+
+
+# ---------------------------------------------------------------------------------------------- the train seam
+# ``raykd train --loss tct`` reaches TCT through raykd.losses.registry: LOSS_SPEC below is found when
+# raykd.losses is imported. Options (``TrainConfig.loss_options``, CLI --tct-mode/--tau/--gamma/--cross-device):
+OPTIONS = {
+    "mode": "inbatch",  # none | triplet | inbatch (Table 3)
+    "tau": 0.25,
+    "gamma": 0.1,
+    "cross_device": False,  # in-batch negatives gathered from every DDP worker
+    "teacher_bf16": True,  # teacher weights in bf16 when training on GPU (ignored on CPU)
+    "check_teacher_every": None,  # verify the teacher's checksum every N steps (default: checkpoint_every)
+}
+
+
+def tct_options(options: dict) -> dict:
+    """``OPTIONS`` updated with the user's; unknown names and bad values fail with what is allowed."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown tct loss option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    out = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    if out["mode"] not in MODES:
+        raise ValueError(f"unknown TCT mode {out['mode']!r}; expected one of {', '.join(MODES)}")
+    if not 0.0 <= float(out["gamma"]) <= 1.0 or float(out["tau"]) <= 0:
+        raise ValueError(f"tct needs 0 <= gamma <= 1 and tau > 0, got gamma={out['gamma']}, tau={out['tau']}")
+    return out
+
+
+def tct_setup(ctx) -> None:
+    """Once per worker: check the options and the student, load and freeze the ColBERT teacher."""
+    from raykd.errors import UserError
+
+    opts = tct_options(ctx.options)
+    ctx.state["tct_options"] = opts
+    ctx.state["tct_teacher_checks"] = 0
+    teacher_uri = ctx.config.get("teacher")
+    if opts["mode"] == "none":
+        ctx.state["tct_teacher"] = None
+        return
+    if not teacher_uri:
+        raise UserError(
+            f"--loss tct (mode {opts['mode']}) runs a ColBERT teacher in the loop: give --teacher, a checkpoint of "
+            "`raykd train --student colbert` (its model/ folder); or --tct-mode none for labels only"
+        )
+    from raykd import storage
+    from raykd.models.tct import FrozenColbertTeacher
+
+    ctx.state["tct_teacher"] = FrozenColbertTeacher.from_pretrained(
+        storage.local_dir(teacher_uri), device=ctx.device, bf16=bool(opts["teacher_bf16"])
+    )
+
+
+def tct_features(model, queries: list[str], positives: list[str], negatives: list[str]) -> dict:
+    """The student's inputs for one batch: B queries, then 2B passages (the positives, then the negatives)."""
+    return model.tokenize(list(queries), list(positives) + list(negatives))
+
+
+def tct_batch_loss(model, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
+    """One step of TCT on the DDP-wrapped bi-encoder student (see :class:`raykd.models.tct.TctDistiller`)."""
+    from raykd.errors import UserError
+    from raykd.models.tct import TctDistiller
+
+    if "tct_options" not in ctx.state:
+        tct_setup(ctx)
+    opts, teacher = ctx.state["tct_options"], ctx.state["tct_teacher"]
+    bare = getattr(model, "module", model)
+    if not hasattr(bare, "embed") or getattr(bare, "kind", None) == "colbert":
+        raise UserError("the tct loss trains a single-vector bi-encoder: use --student tct (or bert_dot)")
+    distiller = TctDistiller(model, teacher, mode=opts["mode"], tau=opts["tau"], gamma=opts["gamma"],
+                             cross_device=opts["cross_device"])
+    inputs = dict(batch["features"])
+    if teacher is not None:
+        t = teacher.tokenize(batch["queries"], list(batch["positives"]) + list(batch["negatives"]))
+        inputs.update({f"teacher_{k}": v for k, v in t.items()})
+    student, teacher_scores, pos_idx, neg_idx = distiller.scores(inputs)
+    loss = distiller.loss_from_scores(student, teacher_scores, pos_idx, neg_idx)
+    every = opts["check_teacher_every"] or ctx.config.get("checkpoint_every") or 500
+    if teacher is not None and ctx.step % every == 0 and ctx.state.get("tct_checked_step") != ctx.step:
+        teacher.assert_unchanged()
+        ctx.state["tct_checked_step"] = ctx.step
+        ctx.state["tct_teacher_checks"] += 1
+    with torch.no_grad():
+        stats = {
+            "inbatch_accuracy": float((student.argmax(dim=1) == pos_idx).float().mean()),
+            "teacher_checks": float(ctx.state["tct_teacher_checks"]),
+        }
+        if teacher_scores is not None:
+            stats["teacher_agreement"] = float((student.argmax(dim=1) == teacher_scores.argmax(dim=1)).float().mean())
+    return loss, stats
+
+
+def _register_student() -> None:
+    # `--student tct` (the TCT bi-encoder) for training, next to the registry's built-in students
+    from raykd.models import registry
+
+    if "tct" not in registry.STUDENTS:
+
+        def _tct(path: str, **kw):
+            from raykd.models.tct import TctBiEncoder
+
+            return TctBiEncoder.from_pretrained(path, **kw)
+
+        registry.register_student("tct", _tct)
+
+
+def _loss_spec():
+    from raykd.losses.registry import LossSpec
+
+    return LossSpec(
+        "tct",
+        tct_loss,
+        needs_scores=False,
+        description="TCT-ColBERT: in-batch KL from a frozen ColBERT teacher run in the loop + CE on labels",
+        batch_loss=tct_batch_loss,
+        setup=tct_setup,
+        make_features=tct_features,
+    )
+
+
+_register_student()
+LOSS_SPEC = _loss_spec()

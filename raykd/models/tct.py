@@ -4,8 +4,9 @@ teacher that scores every (query, passage) pair of a training batch inside the l
 Student, :class:`TctBiEncoder`: a plain Hugging Face encoder (``AutoModel``), one vector per text by mean
 pooling, relevance = dot product (Eq. 2, PoolAvg). Initialised from the trained teacher's encoder weights
 (:meth:`TctBiEncoder.from_teacher`), as in the paper's stage 2. A checkpoint is an ordinary HF folder plus
-``raykd_model.json`` (``kind: tct``, input format, max lengths), so the published ``castorini/tct_colbert-msmarco`` loads into
-it, and a raykd TCT student loads into pyserini's ``TctColBert*Encoder``.
+``raykd_model.json`` + ``raykd_tct.json`` (``kind: tct``, input format, max lengths), so the published
+``castorini/tct_colbert-msmarco`` loads into it, and a raykd TCT student loads into pyserini's
+``TctColBert*Encoder``.
 
 Input format, ``tct_format=True`` (the released checkpoints' convention, as pyserini's
 ``TctColBertQueryEncoder`` / ``TctColBertDocumentEncoder`` feed them, tokenised with
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +49,7 @@ from raykd.models.base import (
 )
 from raykd.models.bi_encoder import BertDot
 
+TCT_CONFIG = "raykd_tct.json"
 TCT_QUERY_LENGTH = 36  # pyserini's TctColBertQueryEncoder: "hardcode for now"
 DEFAULT_PASSAGE_MAX_LENGTH = 150  # the paper's training length (pyserini encodes up to 512)
 
@@ -76,7 +79,6 @@ class TctBiEncoder(BertDot):
         tct_format: bool = True,
         query_max_length: int = TCT_QUERY_LENGTH,
         passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH,
-        **_ignored: Any,
     ):
         self.tct_format = bool(tct_format)
         skip = 0
@@ -102,7 +104,11 @@ class TctBiEncoder(BertDot):
         path = os.path.expanduser(str(name_or_path))
         if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
             raise UserError(f"TCT student path {path} does not exist (expected a Hugging Face model folder)")
-        saved = read_raykd_config(path) or {}
+        unknown = sorted(set(kw) - {"tct_format", "query_max_length", "passage_max_length"})
+        if unknown:
+            raise UserError(f"unknown TCT student option(s) {', '.join(unknown)}; known: tct_format, "
+                            "query_max_length, passage_max_length")
+        saved = read_tct_config(path)  # a ColBERT teacher's own lengths (32 / 180) are not the student's
         opts = {k: saved[k] for k in ("tct_format", "query_max_length", "passage_max_length") if k in saved}
         opts.update({k: v for k, v in kw.items() if v is not None})
         return cls(load_hf_encoder(path), load_tokenizer(path), **opts)
@@ -118,14 +124,25 @@ class TctBiEncoder(BertDot):
         return cls(encoder, colbert.tokenizer, **kwargs)
 
     def save_pretrained(self, out_dir: str) -> None:
-        """An HF encoder folder (loadable by ``AutoModel`` and by pyserini's TCT encoders) plus
-        ``raykd_model.json`` (``kind: tct``, input format, max lengths)."""
+        """An HF encoder folder (loadable by ``AutoModel`` and by pyserini's TCT encoders) plus the input
+        format and max lengths in ``raykd_model.json`` (``kind: tct``, for the registry) and ``raykd_tct.json``
+        (for :mod:`raykd.encoders`)."""
         self.encoder.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
-        write_raykd_config(
-            out_dir, self.kind, tct_format=self.tct_format, pooling="mean", pool_skip=self.pool_skip,
-            query_max_length=self.query_max_length, passage_max_length=self.passage_max_length,
-        )
+        options = {"tct_format": self.tct_format, "pooling": "mean", "pool_skip": self.pool_skip,
+                   "query_max_length": self.query_max_length, "passage_max_length": self.passage_max_length}
+        write_raykd_config(out_dir, self.kind, **options)
+        with open(os.path.join(out_dir, TCT_CONFIG), "w") as f:  # what raykd.encoders (index/search) reads
+            json.dump({"model": self.kind, **options}, f, indent=2, sort_keys=True)
+
+    @property
+    def query_prefix_length(self) -> int:
+        """Leading tokens left out of the query's mean (``[CLS] [ q ]``: 4 with a BERT vocabulary)."""
+        return self.pool_skip
+
+    @property
+    def passage_prefix_length(self) -> int:
+        return self.pool_skip
 
     # ------------------------------------------------------------------------------------------ tokenising
     def tokenize_queries(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -167,6 +184,17 @@ class TctBiEncoder(BertDot):
         t = self.tokenize_passages(passages)
         device = next(self.parameters()).device
         return self.embed(t["input_ids"].to(device), t["attention_mask"].to(device))
+
+
+def read_tct_config(path: str) -> dict:
+    """The TCT options saved with a student (``raykd_tct.json``, or ``raykd_model.json`` of kind ``tct``);
+    empty for anything else (a published checkpoint, a ColBERT teacher)."""
+    f = os.path.join(str(path), TCT_CONFIG)
+    if os.path.isfile(f):
+        with open(f) as fh:
+            return json.load(fh)
+    saved = read_raykd_config(path) or {}
+    return saved if saved.get("kind") == "tct" else {}
 
 
 def _prefix_length(tokenizer: Any, prefix: str) -> int:
@@ -329,17 +357,19 @@ class TctDistiller:
             p, pm = torch.cat([pos, neg]), torch.cat([pos_m, neg_m])
         return self.teacher.maxsim(q, qm, p, pm)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The scalar TCT loss of one batch (differentiable in the student only)."""
+    def scores(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(student, teacher, positive_index, negative_index)``: (B, N) score matrices (teacher None in mode
+        ``none``) of the local queries against the batch's (or, cross-device, the global batch's) passages."""
         from raykd.losses.gather import gather_rows
-        from raykd.losses.tct import tct_loss
 
         device = next(self._student.parameters()).device
         keys = ("query_input_ids", "query_attention_mask", "passage_input_ids", "passage_attention_mask")
         q, p = self.student(**{k: batch[k].to(device) for k in keys}, return_embeddings=True)
         b = q.shape[0]
-        if p.shape[0] != 2 * b:
-            raise ValueError(f"a TCT batch has 2B passages for B queries; got {p.shape[0]} for {b}")
+        if p.dim() != 2 or p.shape[0] != 2 * b:
+            raise ValueError(f"a TCT batch has 2B pooled passage vectors for B queries; got {tuple(p.shape)} for {b}")
         rows = torch.arange(b, device=device)
         if self.cross_device:
             pos, offset = gather_rows(p[:b])
@@ -348,6 +378,19 @@ class TctDistiller:
             pos_idx, neg_idx = offset + rows, pos.shape[0] + offset + rows
         else:
             passages, pos_idx, neg_idx = p, rows, b + rows
-        student = q @ passages.T
+        student = q.float() @ passages.float().T
         teacher = None if self.mode == "none" else self.teacher_scores(batch).to(device)
-        return tct_loss(student, teacher, pos_idx, neg_idx, mode=self.mode, tau=self.tau, gamma=self.gamma)
+        return student, teacher, pos_idx, neg_idx
+
+    def loss_from_scores(self, student: torch.Tensor, teacher: torch.Tensor | None, positive_index: torch.Tensor,
+                         negative_index: torch.Tensor | None = None) -> torch.Tensor:
+        from raykd.losses.tct import tct_loss
+
+        if negative_index is None:
+            negative_index = positive_index + student.shape[1] // 2
+        return tct_loss(student, teacher, positive_index, negative_index, mode=self.mode, tau=self.tau, gamma=self.gamma)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar TCT loss of one batch (differentiable in the student only)."""
+        student, teacher, pos_idx, neg_idx = self.scores(batch)
+        return self.loss_from_scores(student, teacher, pos_idx, neg_idx)
