@@ -185,7 +185,7 @@ def test_killed_scoring_actor_then_rerun_equals_uninterrupted(baseline, sample_s
     marker = tmp_path / "killed.pid"
     monkeypatch.setenv(KILL_HOOK_ENV, f"2:{marker}")  # the actor SIGKILLs itself after its 2nd block
     cfg = ScoreConfig(data=sample_store, teachers=[teachers[0]], out=str(tmp_path / "scores"),
-                      **{**SMALL, "rows_per_part": 100, "parts_per_round": 2, "bucket_pairs": 32})
+                      **{**SMALL, "bucket_pairs": 32})
     try:
         score(cfg)
     except Exception as e:  # Ray Data may give up on the block; the re-run must then finish the job
@@ -199,8 +199,8 @@ def test_killed_scoring_actor_then_rerun_equals_uninterrupted(baseline, sample_s
 @pytest.mark.slow
 def test_killed_driver_then_rerun_equals_uninterrupted(baseline, sample_store, teachers, tmp_path, ray_cluster):
     out = tmp_path / "scores"
-    flags = ["--data", sample_store, "--teacher", teachers[0], "--out", str(out), "--rows-per-part", "100",
-             "--parts-per-round", "1", "--bucket-pairs", "128", "--batch-size", "32"]
+    flags = ["--data", sample_store, "--teacher", teachers[0], "--out", str(out), "--rows-per-part", "250",
+             "--parts-per-round", "1", "--bucket-pairs", "128", "--batch-size", "32", "--max-actors", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "score_teachers.py"), *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -215,7 +215,7 @@ def test_killed_driver_then_rerun_equals_uninterrupted(baseline, sample_store, t
     plan = json.loads((out / "_work" / "plan.json").read_text())
     assert len(committed) < len(plan["parts"])
     cfg = ScoreConfig(data=sample_store, teachers=[teachers[0]], out=str(out),
-                      **{**SMALL, "rows_per_part": 100, "parts_per_round": 1})
+                      **{**SMALL, "parts_per_round": 1})
     m = score(cfg)
     assert {p: os.path.getmtime(p) for p in committed} == committed  # committed parts were skipped
     assert m.counts["parts"] == len(plan["parts"])
