@@ -118,7 +118,7 @@ def main() -> None:
         fn_constructor_kwargs={"teacher": "t", "path": args.model, "query_max_length": model.query_max_length,
                                "passage_max_length": model.passage_max_length, "batch_size": args.batch_size,
                                "torch_threads": args.threads},
-        concurrency=(1, 1), num_cpus=args.threads,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=args.threads,
     )
     out = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     pipeline = out.num_rows / (time.perf_counter() - t0)

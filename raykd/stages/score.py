@@ -398,7 +398,7 @@ def _score_round(cfg, names, paths, pairs: pa.Table, corpus_refs, queries_ref, k
                 "passage_max_length": cfg.passage_max_length, "batch_size": cfg.batch_size,
                 "torch_threads": cfg.torch_threads, "kill_hook": kill_hook if i == 0 else None,
             },
-            concurrency=(cfg.min_actors, max(cfg.min_actors, cfg.max_actors)),
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=max(cfg.min_actors, cfg.max_actors)),
             num_cpus=cfg.cpus_per_actor,
             **remote,
         )
