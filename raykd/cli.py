@@ -176,11 +176,39 @@ def import_nrkd(nrkd, out, teacher_name, rows_per_part, config_file):
 
 
 # ------------------------------------------------------------------------------------------------ train
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command()
+@click.option("--data", default=None, help="Text store URI (from `raykd prepare`).")
+@click.option("--scores", default=None, help="Scores output URI (`raykd score` / `raykd import-nrkd`).")
+@click.option("--student", default=None, help="bert_dot | bert_cat | colbert | prettr | tk (default bert_dot).")
+@click.option("--init", default=None, help="Hub name or path the student starts from.")
+@click.option("--loss", default=None, help="margin_mse | mse | ranknet | labels | tct (default margin_mse).")
+@click.option("--out", default=None, help="Output URI (local or s3://): checkpoints, model/, metrics, manifest.")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (default 2).")
+@click.option("--use-gpu/--no-gpu", "use_gpu", default=None, help="One GPU per worker, bf16 autocast.")
+@click.option("--cpus-per-worker", type=float, default=None, help="CPUs per worker, fractional ok (default 0.5).")
+@click.option("--batch-size", type=int, default=None, help="Triples per worker per micro-batch (default 32).")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (default 1).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default: from --epochs).")
+@click.option("--epochs", type=float, default=None, help="Passes over the triples (default 1).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 7e-6).")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps (default 0).")
+@click.option("--clip-norm", type=float, default=None, help="Gradient clipping max norm, 0 off (default 1.0).")
+@click.option("--seed", type=int, default=None, help="Seed (default 42).")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 500).")
+@click.option("--keep-checkpoints", type=int, default=None, help="Keep the last N checkpoints (default 2).")
+@click.option("--validate-every", type=int, default=None, help="Validate every N steps (default: at checkpoints).")
+@click.option("--val-queries", type=int, default=None, help="Validation queries, 0 off (default 100).")
+@click.option("--max-failures", type=int, default=None, help="Worker failures to recover from (default 3).")
+@click.option("--teacher", default=None, help="Teacher run inside the loop (losses that need one, e.g. tct).")
 @CONFIG_OPTION
-def train(config_file):
-    """Distil a student on Ray Train (not available yet)."""
-    _not_yet("train")()
+def train(config_file, **flags):
+    """Distil a student from teacher scores on Ray Train (DDP); resumable with the same --out."""
+    from raykd.stages.train import TrainConfig
+    from raykd.stages.train import train as run
+
+    cfg = config.build(TrainConfig, config_file, **flags)
+    manifest = run_stage(run, cfg)
+    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts, "stats": manifest.stats}, indent=2, default=str))
 
 
 # ------------------------------------------------------------------------------------------------ index

@@ -366,7 +366,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 history = [json.loads(line) for line in f if line.strip()]
         step = int(state["step"])
         history.append({"event": "resumed", "step": step, "time": time.time()})
-        print(f"[raykd.train rank {rank}] resumed from checkpoint at step {step}", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} [raykd.train rank {rank}] resumed from checkpoint at step {step}", flush=True)
 
     model = ray.train.torch.prepare_model(bare)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -396,7 +396,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     if step == 0 and val and rank == 0:
         history.append({"event": "validation", "step": 0, "mrr@10": mrr_at_10(bare, val), "time": time.time()})
-        print(f"[raykd.train] step 0 validation MRR@10 {history[-1]['mrr@10']:.4f}", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} [raykd.train] step 0 validation MRR@10 {history[-1]['mrr@10']:.4f}", flush=True)
 
     epoch = 0
     micro = 0
@@ -443,7 +443,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                     metrics["val_mrr@10"] = mrr_at_10(bare, val)
                 if rank == 0:
                     history.append({**metrics, "time": now})
-                    print(f"[raykd.train] step {step}/{total_steps} loss {metrics['loss']:.4f} "
+                    print(f"{time.strftime('%H:%M:%S')} [raykd.train] step {step}/{total_steps} loss {metrics['loss']:.4f} "
                           f"{metrics['triples_per_s']:.0f} triples/s"
                           + (f" val MRR@10 {metrics['val_mrr@10']:.4f}" if "val_mrr@10" in metrics else ""),
                           flush=True)
