@@ -111,14 +111,19 @@ class _PassageEncoder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        vectors = self.encoder.encode_passages(list(batch["passage"]), batch_size=self.batch_size)
+        e = self.encoder
+        before = (e.forward_passes, e.tokens, e.padded_tokens)
+        vectors = e.encode_passages(list(batch["passage"]), batch_size=self.batch_size)
+        # this call's work, carried on its first row (the driver sums the column)
+        work = np.zeros((len(vectors), 3), dtype=np.int64)
+        work[0] = (e.forward_passes - before[0], e.tokens - before[1], e.padded_tokens - before[2])
         return {
             "shard": batch["shard"],
             "row": batch["row"],
             "pid": batch["pid"],
             "doc_id": batch["doc_id"],
             "vector": vectors,
-            "tokens": np.full(len(vectors), 0, dtype=np.int64),
+            "work": work,
         }
 
 
@@ -171,10 +176,12 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # shards fill in row order, so the driver holds one at a time
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(cfg.actors, 1))
-    env = {"env_vars": storage.worker_env()}
+    if not ray.is_initialized():  # storage credentials reach the workers through the job's runtime env
+        env = storage.worker_env()
+        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=False)
     try:
         ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
-        ds = ds.map_batches(_read_chunk, batch_size=1, batch_format="numpy", num_cpus=0.25, runtime_env=env)
+        ds = ds.map_batches(_read_chunk, batch_size=1, batch_format="numpy", num_cpus=0.25)
         ds = ds.map_batches(
             _PassageEncoder,
             batch_size=cfg.actor_batch_rows,
@@ -185,11 +192,12 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
             fn_constructor_kwargs={
                 "spec": spec.to_dict(), "batch_size": cfg.batch_size, "threads": threads, "device": cfg.device,
             },
-            runtime_env=env,
         )
         progress = Progress(log, "passages encoded", total)
         current, buf, ids_pid, ids_doc, filled = None, None, None, None, 0
+        work = np.zeros(3, dtype=np.int64)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            work += batch["work"].sum(axis=0)
             for s in np.unique(batch["shard"]):
                 sel = batch["shard"] == s
                 s = int(s)
@@ -214,6 +222,8 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
             _commit_vectors(cfg.out, shards[current], buf, ids_pid, ids_doc, filled)
         stats["encode_seconds"] = round(progress.close(), 3)
         stats["passages_per_second"] = round(total / max(stats["encode_seconds"], 1e-9), 2)
+        stats["forward_passes"], stats["tokens"], stats["padded_tokens"] = (int(x) for x in work)
+        stats["padding_fraction"] = round(1 - int(work[1]) / max(int(work[2]), 1), 4)
     finally:
         ctx.execution_options.preserve_order = old_order
 

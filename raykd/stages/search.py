@@ -16,7 +16,8 @@ Output under ``out``::
     manifest.json  stage "search"; counts; stats.latency_ms = per-query milliseconds of each component
                    (query_encoding, search, rerank, fusion, total), as in TCT-ColBERT's Table 2; written last
 
-Latency is wall time of the batched component divided by the number of queries; ``latency_queries = N`` also
+Latency is wall time of the batched component divided by the number of queries (a hybrid adds its inputs'
+components when they are search outputs; a re-ranker adds its candidate run's); ``latency_queries = N`` also
 times N queries one at a time (batch size 1, the paper's setting) as ``stats.latency_ms_single``.
 A re-run with the same ``out`` and config returns the finished output.
 
@@ -222,6 +223,10 @@ def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -
         progress.update(len(chunk))
     progress.close()
     latency["rerank"] = 1000 * (time.perf_counter() - t0) / max(len(candidates), 1)
+    if storage.has_manifest(cfg.rerank):  # the first stage's cost is part of a re-ranking pipeline's
+        for part, ms in storage.read_manifest(cfg.rerank)["stats"].get("latency_ms", {}).items():
+            if part != "total":
+                latency[part] = latency.get(part, 0.0) + ms
     run: trec.Run = {}
     for (q, d), s in zip(pairs, scores.tolist()):
         run.setdefault(q, {})[d] = s
@@ -253,6 +258,12 @@ def hybrid_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, s
                                  "curve": [[a, v] for a, v in curve]}
         log.info("alpha tuned on %s: %g (%s %.4f)", cfg.tune_split, alpha, cfg.tune_measure, dict(curve)[alpha])
     stats["alpha"] = alpha
+    # a hybrid query costs what its two inputs cost (when they are search outputs) plus the fusion
+    for uri in (cfg.dense, cfg.sparse):
+        if storage.has_manifest(uri):
+            for part, ms in storage.read_manifest(uri)["stats"].get("latency_ms", {}).items():
+                if part != "total":
+                    latency[part] = latency.get(part, 0.0) + ms
     t0 = time.perf_counter()
     run = fusion.hybrid(dense, sparse, alpha, cfg.k)
     latency["fusion"] = 1000 * (time.perf_counter() - t0) / max(len(run), 1)
