@@ -200,13 +200,25 @@ def import_nrkd(nrkd, out, teacher_name, rows_per_part, config_file):
 @click.option("--val-queries", type=int, default=None, help="Validation queries, 0 off (default 100).")
 @click.option("--max-failures", type=int, default=None, help="Worker failures to recover from (default 3).")
 @click.option("--teacher", default=None, help="Teacher run inside the loop (losses that need one, e.g. tct).")
+@click.option("--tct-mode", type=click.Choice(["none", "triplet", "inbatch"]), default=None,
+              help="TCT distillation: none (labels only), triplet, inbatch (default inbatch).")
+@click.option("--tau", type=float, default=None, help="TCT teacher softmax temperature (default 0.25).")
+@click.option("--gamma", type=float, default=None, help="TCT weight of CE on labels; 1 - gamma on KL (default 0.1).")
+@click.option("--cross-device/--no-cross-device", default=None, help="TCT in-batch negatives from every worker.")
 @CONFIG_OPTION
-def train(config_file, **flags):
+def train(config_file, tct_mode, tau, gamma, cross_device, **flags):
     """Distil a student from teacher scores on Ray Train (DDP); resumable with the same --out."""
+    from raykd.errors import UserError
+    from raykd.losses.tct import cli_loss_options
     from raykd.stages.train import TrainConfig
     from raykd.stages.train import train as run
 
     cfg = config.build(TrainConfig, config_file, **flags)
+    try:
+        cfg.loss_options = cli_loss_options(cfg.loss, cfg.loss_options, tct_mode=tct_mode, tau=tau, gamma=gamma,
+                                            cross_device=cross_device)
+    except (UserError, ValueError) as e:
+        _fail(e)
     manifest = run_stage(run, cfg)
     click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts, "stats": manifest.stats}, indent=2, default=str))
 

@@ -252,3 +252,19 @@ def _loss_spec():
 
 _register_student()
 LOSS_SPEC = _loss_spec()
+
+
+def cli_loss_options(loss: str, loss_options: dict, **flags) -> dict:
+    """``loss_options`` with the command line's TCT flags (``tct_mode``, ``tau``, ``gamma``, ``cross_device``)
+    merged in; flags not given (None) change nothing; TCT flags with another loss are an error."""
+    from raykd.errors import UserError
+
+    names = {"tct_mode": "mode", "tau": "tau", "gamma": "gamma", "cross_device": "cross_device"}
+    given = {names[k]: v for k, v in flags.items() if v is not None}
+    if given and loss != "tct":
+        flag_names = ", ".join("--" + k.replace("_", "-") for k, v in flags.items() if v is not None)
+        raise UserError(f"TCT option(s) {flag_names}: only for --loss tct (the loss is {loss})")
+    merged = {**loss_options, **given}
+    if loss == "tct":
+        tct_options(merged)  # fail here, not on the workers after Ray has started
+    return merged
