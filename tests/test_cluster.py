@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -327,6 +328,7 @@ def fake_cluster(s3_server):
         yield cluster
     finally:
         _end_cluster(marks)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _score_args(store: str, teachers: list[str], out: str) -> list[str]:
@@ -384,7 +386,7 @@ def test_scoring_job_autoscales_gpu_workers_from_zero_and_back(fake_cluster, sam
     assert all(r.get("GPU", 0) >= 1 and r.get("teacher_gpu") == r.get("GPU") for r in seen["worker_resources"])
     _check_scores(out, sample_store, teachers)
 
-    # idle workers go away (idle_timeout_minutes: 0.1 in tests/fake_cluster.yaml)
+    # idle workers go away (idle_timeout_minutes: 0.25 in tests/fake_cluster.yaml)
     gone_s = fake_cluster.wait_no_workers()
     print(f"workers gone {gone_s:.1f} s after the job")
 
