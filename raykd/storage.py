@@ -278,14 +278,12 @@ def read_manifest(out_uri: str, stage: str | None = None, format: str | None = N
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables that Ray workers need to reach the same storage as the driver (passed through a
-    Ray runtime env; never logged)."""
+    """Environment variables that Ray workers need to reach the same storage as the driver, passed through a
+    Ray runtime env. No credentials: a runtime env is visible on the dashboard, and workers get keys the way the
+    driver does (the environment the node was started with, a profile, or the instance role)."""
     keys = [
         "AWS_ENDPOINT_URL",
         "AWS_ENDPOINT_URL_S3",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
         "AWS_DEFAULT_REGION",
         "AWS_REGION",
         "AWS_PROFILE",

@@ -71,6 +71,9 @@ class ScoreConfig:
     max_actors: int = config.field(2, help="Maximum actors per teacher pool (the autoscaler may add GPU nodes).")
     gpus_per_actor: float = config.field(0.0, help="GPUs per scoring actor (1 on a GPU cluster).")
     cpus_per_actor: float = config.field(0.5, help="CPUs per scoring actor (fractional on small machines).")
+    actor_resources: dict = config.field(
+        {}, help="Custom Ray resources per scoring actor, e.g. {teacher_gpu: 1} to land only on GPU worker nodes."
+    )
     cpus_per_task: float = config.field(0.25, help="CPUs per text-lookup / tokenising task.")
     torch_threads: int = config.field(1, help="torch threads per scoring actor (CPU only).")
     lenient: bool = config.field(False, help="Quarantine bad rows (unknown ids, NaN scores) instead of failing.")
@@ -388,11 +391,14 @@ def _score_round(cfg, names, paths, pairs: pa.Table, corpus_refs, queries_ref, k
                        "passage_max_length": cfg.passage_max_length},
             num_cpus=cfg.cpus_per_task,
         )
-        remote = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
+        remote: dict[str, Any] = {"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}
+        if cfg.actor_resources:
+            remote["resources"] = dict(cfg.actor_resources)
         ds = ds.map_batches(
             TeacherScorer,
             batch_format="pyarrow",
-            batch_size=None,
+            # blocks hold bucket_pairs pairs; Ray Data needs an explicit batch size for GPU actors
+            batch_size=cfg.bucket_pairs,
             fn_constructor_kwargs={
                 "teacher": name, "path": path, "query_max_length": cfg.query_max_length,
                 "passage_max_length": cfg.passage_max_length, "batch_size": cfg.batch_size,
