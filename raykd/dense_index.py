@@ -135,8 +135,11 @@ class Shard:
 class DenseIndex:
     """A finished dense index (refuses one without a finished manifest)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, cache: bool = False):
+        """``cache=True`` keeps every loaded index in memory (repeated searches of an index that fits); the
+        default loads one shard at a time for each search."""
         self.uri = str(uri).rstrip("/")
+        self._cache: dict | None = {} if cache else None
         self.manifest = storage.read_manifest(self.uri, stage="index", format=FORMAT)
         self.dim = int(self.manifest["counts"]["dim"])
         self.factory = self.manifest["config"]["factory"]
@@ -154,7 +157,17 @@ class DenseIndex:
     def shard_uri(self, shard: Shard, name: str = "") -> str:
         return storage.join(self.uri, "shards", shard.name, name)
 
+    def _cached(self, key: str, load):
+        if self._cache is None:
+            return load()
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key]
+
     def load_shard(self, shard: Shard) -> faiss.Index:
+        return self._cached(shard.name, lambda: self._load_shard(shard))
+
+    def _load_shard(self, shard: Shard) -> faiss.Index:
         uri = self.shard_uri(shard, "index.faiss")
         index = from_bytes(storage.read_bytes(uri))
         if index.d != self.dim:
@@ -197,15 +210,16 @@ class DenseIndex:
         if use == "merged" and not self.has_merged():
             raise UserError(f"{self.uri} has no merged index; build it with `raykd index ... --merge`")
         if use == "merged" or (use == "auto" and self.has_merged()):
-            index = maybe_gpu(from_bytes(storage.read_bytes(storage.join(self.uri, "merged", "index.faiss"))))
+            index = self._cached("merged", lambda: maybe_gpu(
+                from_bytes(storage.read_bytes(storage.join(self.uri, "merged", "index.faiss")))))
             set_search_params(index, nprobe, ef_search)
             scores, rows = index.search(queries, k)
             return scores, rows
         nq = len(queries)
         scores = np.full((nq, 0), -np.inf, dtype=np.float32)
         rows = np.full((nq, 0), -1, dtype=np.int64)
-        for shard, index in self.iter_shards():
-            index = maybe_gpu(index)
+        for shard in self.shards:
+            index = self._cached(f"search:{shard.name}", lambda s=shard: maybe_gpu(self._load_shard(s)))
             set_search_params(index, nprobe, ef_search)
             d, i = index.search(queries, min(k, max(shard.rows, 1)))
             i = np.where(i < 0, -1, i + shard.first_row)

@@ -41,6 +41,7 @@ def efficiency_png(results: Mapping[str, Mapping], measure: str) -> bytes:
         ax.scatter([total], [y], s=30)
         ax.annotate(name, (total, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)  # room for the labels
     ax.set_xlabel("query latency (ms/query, log scale)")
     ax.set_ylabel(measure)
     ax.set_title("efficiency vs effectiveness")

@@ -56,10 +56,13 @@ def test_rerun_with_same_out_returns_the_finished_run(bm25_test, mini_store):
 def test_rerank_scores_candidates_with_a_scorer(bm25_test, mini_store, tiny_models, tmp_path):
     scorer = tiny_models("bert", "cross_encoder", seed=5)
     out = str(tmp_path / "rr")
-    m = search(SearchConfig(data=mini_store, rerank=bm25_test, scorer=scorer, split="test", k=5, out=out))
-    assert m.stats["latency_ms"]["rerank"] > 0
+    # candidates: BM25's lists of 4 queries (a search output would do too, see the hybrid test)
+    cands = dict(list(trec.read_run(storage.join(bm25_test, "run.trec")).items())[:4])
+    trec.write_run(cands, str(tmp_path / "cands.trec"))
+    m = search(SearchConfig(data=mini_store, rerank=str(tmp_path / "cands.trec"), scorer=scorer, split="test", k=5,
+                            out=out))
+    assert m.stats["latency_ms"]["rerank"] > 0 and m.counts["queries"] == 4
     got = trec.read_run(storage.join(out, "run.trec"))
-    cands = trec.read_run(storage.join(bm25_test, "run.trec"))
     store = TextStore(mini_store)
     from raykd.models.registry import load_scorer
 

@@ -18,7 +18,8 @@ Output under ``out``::
 
 Latency is wall time of the batched component divided by the number of queries (a hybrid adds its inputs'
 components when they are search outputs; a re-ranker adds its candidate run's); ``latency_queries = N`` also
-times N queries one at a time (batch size 1, the paper's setting) as ``stats.latency_ms_single``.
+times N queries one at a time (batch size 1, the paper's setting) as ``stats.latency_ms_single``, with
+the indexes kept in memory between queries (so that must fit).
 A re-run with the same ``out`` and config returns the finished output.
 
 Runs given as input may be a TREC file or a search output URI (its ``run.trec``). A run naming a query that is
@@ -138,7 +139,7 @@ def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) ->
     from raykd.dense_index import DenseIndex
     from raykd.encoders import DenseEncoder, EncoderSpec
 
-    di = DenseIndex(cfg.index)
+    di = DenseIndex(cfg.index, cache=cfg.latency_queries > 0)  # timing single queries: load shards once
     queries = split_queries(store, split)
     texts = queries["text"].to_pylist()
     encoder = DenseEncoder(EncoderSpec(**di.encoder), device=cfg.device)
