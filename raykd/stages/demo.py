@@ -67,6 +67,7 @@ def _model_dir(train_out: str) -> str:
 
 
 def demo(cfg: DemoConfig) -> dict:
+    from raykd.runtime import init_ray
     from raykd.sample import SampleSpec, write_sample
     from raykd.stages.evaluate import EvaluateConfig, evaluate
     from raykd.stages.index import IndexConfig, index
@@ -77,6 +78,7 @@ def demo(cfg: DemoConfig) -> dict:
     from raykd.tiny import build_tiny_model
 
     t_start = time.time()
+    init_ray(progress_bars=False)  # the demo logs one line per step; Ray Data's bars would drown them
     out = cfg.out.rstrip("/")
     j = lambda *p: storage.join(out, *p)  # noqa: E731
     timings: dict[str, float] = {}

@@ -32,6 +32,7 @@ from raykd.encoders import EncoderSpec, resolve
 from raykd.errors import UserError
 from raykd.formats.store import TextStore, passage_text
 from raykd.log import Progress, get_logger
+from raykd.runtime import init_ray
 
 log = get_logger("index")
 
@@ -176,9 +177,7 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # shards fill in row order, so the driver holds one at a time
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(cfg.actors, 1))
-    if not ray.is_initialized():  # storage credentials reach the workers through the job's runtime env
-        env = storage.worker_env()
-        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+    init_ray()
     try:
         ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
         ds = ds.map_batches(_read_chunk, batch_size=1, batch_format="numpy", num_cpus=0.25)

@@ -44,6 +44,7 @@ from raykd import config, storage
 from raykd.errors import UserError
 from raykd.formats import scores as fmt
 from raykd.formats.store import TextStore, passage_text
+from raykd.runtime import init_ray
 
 STATS_KEY = b"raykd.score.stats"
 KILL_HOOK_ENV = "RAYKD_TEST_KILL_SCORER"  # "N:MARKER": the first teacher's actor SIGKILLs itself after N blocks
@@ -348,11 +349,8 @@ def _check_teachers(cfg: ScoreConfig) -> None:
 
 
 def _init_ray() -> None:
-    import ray
 
-    if not ray.is_initialized():
-        env = storage.worker_env()
-        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+    init_ray()
 
 
 def _shared_texts(store: TextStore, split: str) -> tuple[list, Any]:

@@ -52,6 +52,7 @@ from raykd import storage
 from raykd.config import field
 from raykd.errors import UserError
 from raykd.log import get_logger
+from raykd.runtime import init_ray
 
 log = get_logger("train")
 
@@ -188,7 +189,7 @@ def _dataset(cfg: TrainConfig, spec, scores):
         fs, _ = storage.arrow_filesystem(store.triples_uri)
         paths = [storage.arrow_filesystem(u)[1] for u in storage.parquet_parts(store.triples_uri)]
         cols = ["qid", "pos_pid", "neg_pid"]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, shuffle="files")
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, shuffle="files", ray_remote_args={"num_cpus": 0.25})
     ds = ds.map_batches(
         AttachTexts,
         fn_constructor_args=(cfg.data,),
@@ -507,8 +508,7 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     log.info("training %s on %s triples with %s: %d steps of %d triples, %d workers, %d validation queries",
              cfg.student, f"{n_triples:,}", cfg.loss, total_steps, per_step, cfg.workers, len(val))
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": storage.worker_env()})
+    init_ray()
     fs, path = storage.arrow_filesystem(cfg.out)
     if not storage.is_s3(cfg.out):
         os.makedirs(path, exist_ok=True)
