@@ -42,7 +42,7 @@ def _kill_a_worker_after_first_checkpoint(out: str, done: dict) -> None:
     while not done.get("stop"):
         names = storage.listdir(storage.join(out, "ray_train"))
         # the second checkpoint folder appearing means the first was written and registered long ago
-        if sum(n.startswith("checkpoint_") for n in names) >= 2:
+        if sum(n.startswith("checkpoint_20") for n in names) >= 2:
             pids = _train_worker_pids()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
@@ -77,7 +77,7 @@ def test_two_workers_distil_to_s3_survive_a_killed_worker(ray_cluster, sample_st
     assert m["stats"]["val_mrr@10_final"] > m["stats"]["val_mrr@10_initial"] + 0.1, m["stats"]
 
     # checkpoints live on S3, only the last keep_checkpoints of them
-    ckpts = [n for n in storage.listdir(storage.join(s3_uri, "ray_train")) if n.startswith("checkpoint_")]
+    ckpts = [n for n in storage.listdir(storage.join(s3_uri, "ray_train")) if n.startswith("checkpoint_20")]
     assert 1 <= len(ckpts) <= 2, ckpts
     # the final student is an ordinary saved raykd model: download and score with it
     from raykd.models.registry import load_scorer
