@@ -208,3 +208,36 @@ def test_bad_factory_and_missing_inputs(sample_store, tmp_path):
         index(IndexConfig(data=sample_store, encoder="x", out=str(tmp_path / "i"), factory="IVFx,Flat"))
     with pytest.raises(UserError, match="needs --data"):
         index(IndexConfig(encoder="x"))
+
+
+def _copy_encoded(src: str, dst: str) -> None:
+    """The committed vectors of an index, without its Faiss indexes: what a crashed run after encoding leaves."""
+    import shutil
+
+    for shard in dx.DenseIndex(src).shards:
+        a, b = storage.join(src, "shards", shard.name), storage.join(dst, "shards", shard.name)
+        shutil.copytree(a, b, ignore=shutil.ignore_patterns("index.faiss", "shard.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", ["IVF8,PQ16x4", "HNSW32"])
+def test_other_factories_build_from_committed_vectors(minilm_index, minilm_path, scifact_mini_store, tmp_path,
+                                                      factory):
+    out = str(tmp_path / "idx")
+    _copy_encoded(minilm_index, out)
+    m = index(IndexConfig(data=scifact_mini_store, encoder=minilm_path, pooling="mean", normalize=True,
+                          max_length=256, shards=3, merge=True, factory=factory, train_sample=1000, out=out))
+    assert m.stats["resumed_shards"] == 3 and "encode_seconds" not in m.stats  # nothing re-encoded
+    flat, approx = dx.DenseIndex(minilm_index), dx.DenseIndex(out)
+    q = np.asarray(flat.shard_vectors(flat.shards[0]))[:50]  # passages as queries: each should find itself
+    _, want = flat.search(q, 10, use="merged")
+    for use in ("shards", "merged"):
+        _, got = approx.search(q, 10, use=use, nprobe=8, ef_search=64)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+        assert recall > (0.4 if "PQ" in factory else 0.9), (factory, use, recall)  # PQ16x4: 8 bytes a vector
+        assert (got[:, 0] == np.arange(50)).mean() > 0.85
+    if factory.startswith("IVF"):  # one shared quantizer and PQ codebook: merged == shard set exactly
+        s1, r1 = approx.search(q, 10, use="shards", nprobe=8)
+        s2, r2 = approx.search(q, 10, use="merged", nprobe=8)
+        assert np.allclose(s1, s2, atol=1e-5)
+    assert storage.read_bytes(storage.join(out, "merged", "merged.json"))

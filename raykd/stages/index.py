@@ -303,7 +303,7 @@ def index(cfg: IndexConfig) -> storage.Manifest:
     t0 = time.time()
     store = TextStore(cfg.data)
     spec = resolve(cfg.spec())
-    dx.new_index(8, cfg.factory)  # fail fast on a bad factory string
+    dx.new_index(3840, cfg.factory)  # fail fast on a bad factory string (3840: divisible by common PQ sizes)
     total = sum(n for _, n in _part_rows(store))
     shards = plan_shards(total, cfg.shards)
     if storage.has_manifest(cfg.out):
