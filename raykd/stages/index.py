@@ -60,7 +60,7 @@ class IndexConfig:
     torch_threads: int = field(0, help="Torch threads per actor (0: this node's cores / actors).")
     batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).")
     actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).")
-    chunk_rows: int = field(4096, help="Corpus rows per read task.")
+    chunk_rows: int = field(1024, help="Corpus rows per read task (also the unit of progress and streaming).")
     device: str | None = field(None, help="Torch device for the encoders (default cuda if available, else cpu).")
 
     def spec(self) -> EncoderSpec:
