@@ -25,8 +25,8 @@ def scores_uri(sample_store, tmp_path_factory) -> str:
 
 def _cfg(sample_store, scores, init, out, **kw) -> TrainConfig:
     base = dict(data=sample_store, scores=scores, student="colbert", init=init, out=out, workers=2, batch_size=16,
-                steps=30, lr=3e-4, checkpoint_every=10, keep_checkpoints=2, log_every=5, val_queries=20,
-                val_negatives=19, student_options={"dim": 32}, max_failures=2)
+                steps=30, lr=1e-3, checkpoint_every=10, keep_checkpoints=2, log_every=5, val_queries=20,
+                val_negatives=19, max_failures=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -78,7 +78,11 @@ def test_two_workers_distil_to_s3_survive_a_killed_worker(ray_cluster, sample_st
 
     # checkpoints live on S3, only the last keep_checkpoints of them
     ckpts = [n for n in storage.listdir(storage.join(s3_uri, "ray_train")) if n.startswith("checkpoint_20")]
-    assert 1 <= len(ckpts) <= 2, ckpts
+    # (plus at most one orphan: the folder a killed worker was uploading when it died is never registered, so
+    # Ray Train does not delete it)
+    assert 1 <= len(ckpts) <= 3, ckpts
+    newest = storage.join(s3_uri, "ray_train", sorted(ckpts)[-1], "metrics.jsonl")
+    assert json.loads(storage.read_bytes(newest).decode().splitlines()[-1])["step"] == 30
     # the final student is an ordinary saved raykd model: download and score with it
     from raykd.models.registry import load_scorer
 
