@@ -172,7 +172,10 @@ def iter_parquet_batches(uri: str, columns: list[str] | None = None, batch_size:
 # ---------------------------------------------------------------------------------------------------------
 # secrets
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|session|access_key|api_key|private)", re.I)
+# secret-named keys: "aws_secret_access_key", "hf_token", "password"... but not counts such as "padded_tokens"
+_SECRET_KEY = re.compile(
+    r"(secret|password|passwd|credential|access_key|api_key|private_key|session_token|(^|_)token$)", re.IGNORECASE
+)
 _URI_CREDS = re.compile(r"(?P<scheme>[a-z0-9+.-]+://)(?P<creds>[^/@\s]+)@")
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
 

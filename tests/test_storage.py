@@ -75,3 +75,8 @@ def test_s3_uses_endpoint_from_environment(s3_server, s3_uri):
     afs, apath = storage.arrow_filesystem(storage.join(s3_uri, "x"))
     with afs.open_input_stream(apath) as f:
         assert f.read() == b"1"
+
+
+def test_redaction_keeps_statistics_named_like_tokens():
+    stats = {"tokens": 3, "padded_tokens": 5, "real_tokens": 2, "hf_token": "hf_x", "api_key": "k"}
+    assert storage.redact(stats) == {"tokens": 3, "padded_tokens": 5, "real_tokens": 2, "hf_token": "***", "api_key": "***"}
