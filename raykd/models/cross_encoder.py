@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from raykd import storage
 from raykd.errors import UserError
 from raykd.models.base import RankingModel
 
@@ -53,7 +54,13 @@ def _looks_like_path(name_or_path: str) -> bool:
 
 
 def _check_path(name_or_path: str) -> str:
-    """``name_or_path`` as a local path or hub id; a local-looking path that does not exist is a UserError."""
+    """``name_or_path`` as a local path or hub id; a local-looking path that does not exist is a UserError.
+    An ``s3://`` folder is downloaded once to a local cache (:func:`raykd.storage.local_dir`)."""
+    if str(name_or_path).startswith("s3://"):
+        try:
+            return storage.local_dir(str(name_or_path))
+        except FileNotFoundError:
+            raise UserError(f"cross-encoder {name_or_path} does not exist in object storage") from None
     path = os.path.expanduser(str(name_or_path).removeprefix("file://"))
     if _looks_like_path(path) and not os.path.exists(path):
         raise UserError(f"cross-encoder path {path} does not exist (expected a Hugging Face model folder)")

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from raykd import storage
 from raykd.errors import UserError
 from raykd.models.base import RankingModel, read_raykd_config
 
@@ -77,6 +78,11 @@ def register_student(name: str, loader: Callable[..., RankingModel]) -> None:
 
 
 def _check_init(init: str) -> str:
+    if str(init).startswith("s3://"):  # a model folder in object storage: a local copy, downloaded once
+        try:
+            return storage.local_dir(str(init))
+        except FileNotFoundError:
+            raise UserError(f"model {init} does not exist in object storage") from None
     init = str(init).removeprefix("file://")
     looks_local = os.path.isabs(init) or init.startswith((".", "~")) or init.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(init)):
