@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="triples per worker per step")
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=300, help="stage-2 steps per mode")
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=3e-4, help="stage-2 learning rate (the teacher: 3e-4)")
     ap.add_argument("--cross-device", action="store_true", help="in-batch negatives from every worker")
+    ap.add_argument("--tag", default="", help="suffix of the student folders (a new set of runs, same teacher)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
@@ -54,15 +55,15 @@ def main() -> None:
     if not os.path.exists(f"{init}/config.json"):
         build_tiny_model(init, hidden=args.hidden, layers=args.layers, heads=2, intermediate=4 * args.hidden)
 
-    common = dict(data=store, workers=args.workers, batch_size=args.batch_size, lr=args.lr, warmup_steps=20,
+    common = dict(data=store, workers=args.workers, batch_size=args.batch_size, warmup_steps=20,
                   checkpoint_every=100, keep_checkpoints=1, log_every=50, val_queries=100, val_negatives=29, seed=7)
-    stage1 = train(TrainConfig(student="colbert", init=init, loss="labels", out=f"{out}/teacher",
+    stage1 = train(TrainConfig(student="colbert", init=init, loss="labels", out=f"{out}/teacher", lr=3e-4,
                                steps=args.teacher_steps, student_options={"dim": 64}, **common))
     teacher = f"{out}/teacher/model"
     rows = [("ColBERT teacher (stage 1)", stage1.stats["val_mrr@10_final"], None, None)]
     for mode in ("none", "triplet", "inbatch"):
-        run = f"{out}/student-{mode}"
-        m = train(TrainConfig(student="tct", init=teacher, teacher=teacher, loss="tct", out=run, steps=args.steps,
+        run = f"{out}/student-{mode}{args.tag}"
+        m = train(TrainConfig(student="tct", init=teacher, teacher=teacher, loss="tct", out=run, steps=args.steps, lr=args.lr,
                               loss_options={"mode": mode, "cross_device": args.cross_device}, **common))
         index(IndexConfig(data=store, encoder=f"{run}/model", out=f"{run}/index"))
         search(SearchConfig(data=store, split="dev", index=f"{run}/index", k=100, out=f"{run}/search"))
