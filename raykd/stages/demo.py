@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from raykd import storage
@@ -34,13 +35,15 @@ class DemoConfig:
 
     out: str = field("demo-out", help="Where every stage writes (local path or s3://).")
     seed: int = field(13, help="Seed of the sample and of every training run.")
-    train_queries: int = field(200, help="Sample: training queries.")
+    train_queries: int = field(1000, help="Sample: training queries.")
     dev_queries: int = field(100, help="Sample: dev queries (evaluated).")
     passages: int = field(4000, help="Sample: passages.")
-    negatives: int = field(100, help="Sample: negatives per training query (MS MARCO-like repetition).")
+    negatives: int = field(20, help="Sample: negatives per training query (each (query, positive) pair repeats).")
     workers: int = field(2, help="Ray Train workers per training run.")
-    teacher_steps: int = field(300, help="Optimizer steps fine-tuning each teacher on the labels.")
+    teacher_steps: int = field(600, help="Optimizer steps fine-tuning each teacher on the labels.")
     student_steps: int = field(300, help="Optimizer steps per student.")
+    teacher_lr: float = field(1e-3, help="Peak learning rate of the teachers (tiny models from scratch).")
+    student_lr: float = field(1e-3, help="Peak learning rate of the students.")
     batch_size: int = field(32, help="Triples per worker per step.")
     hidden: int = field(64, help="Hidden size of the tiny models.")
     shards: int = field(3, help="Index shards (merged into one index as well).")
@@ -88,6 +91,16 @@ def demo(cfg: DemoConfig) -> dict:
         _step(name, outdir, fn, **kw)
         timings[name] = round(time.time() - t0, 1)
 
+    def together(steps: list[tuple[str, object, str]]) -> None:
+        """Independent steps side by side on the one Ray cluster: their fixed start-up costs overlap and their
+        actors share the CPUs."""
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+            futures = [pool.submit(timed, name, fn, outdir) for name, fn, outdir in steps]
+            for f in futures:
+                f.result()
+        timings[" + ".join(n for n, _, _ in steps)] = round(time.time() - t0, 1)
+
     # 1. sample and text store
     spec = SampleSpec(
         seed=cfg.seed,
@@ -118,13 +131,14 @@ def demo(cfg: DemoConfig) -> dict:
                   checkpoint_every=max(cfg.student_steps, cfg.teacher_steps))
 
     # 3. teachers: BERT_CAT cross-encoders fine-tuned on the labels
-    teachers = []
+    steps = []
     for name in ("teacher_bert", "teacher_albert"):
         tout = j("teachers", name)
         tcfg = TrainConfig(student="bert_cat", init=inits[name], loss="labels", out=tout, steps=cfg.teacher_steps,
-                           lr=1e-3, warmup_steps=20, **common)
-        timed(f"train {name}", lambda tcfg=tcfg: train(tcfg), tout)
-        teachers.append(_model_dir(tout))
+                           lr=cfg.teacher_lr, warmup_steps=50, **common)
+        steps.append((f"train {name}", lambda tcfg=tcfg: train(tcfg), tout))
+    together(steps)
+    teachers = [_model_dir(j("teachers", name)) for name in ("teacher_bert", "teacher_albert")]
 
     # 4. score the triples with the ensemble
     timed("score", lambda: score(ScoreConfig(data=store, teachers=teachers, out=j("scores"),
@@ -136,25 +150,29 @@ def demo(cfg: DemoConfig) -> dict:
         "bert_dot_labels": dict(student="bert_dot", loss="labels", student_options={"pooling": "mean"}),
         "colbert_margin_mse": dict(student="colbert", loss="margin_mse"),
     }
+    steps = []
     for name, opts in students.items():
         sout = j("students", name)
-        scfg = TrainConfig(scores=j("scores"), init=inits["student"], out=sout, steps=cfg.student_steps, lr=1e-3,
-                           warmup_steps=20, **opts, **common)
-        timed(f"train {name}", lambda scfg=scfg: train(scfg), sout)
+        scfg = TrainConfig(scores=j("scores"), init=inits["student"], out=sout, steps=cfg.student_steps,
+                           lr=cfg.student_lr, warmup_steps=20, **opts, **common)
+        steps.append((f"train {name}", lambda scfg=scfg: train(scfg), sout))
+    together(steps)
     colbert = _model_dir(j("students", "colbert_margin_mse"))
     tct_out = j("students", "tct_colbert")
     tct_cfg = TrainConfig(scores=j("scores"), init=colbert, teacher=colbert, loss="tct", student="tct",
-                          out=tct_out, steps=cfg.student_steps, lr=1e-3, warmup_steps=20,
+                          out=tct_out, steps=cfg.student_steps, lr=cfg.student_lr, warmup_steps=20,
                           loss_options={"mode": "inbatch"}, **common)
     timed("train tct_colbert", lambda: train(tct_cfg), tct_out)
 
     # 6. index the dense students, several shards, merged
     dense = ["bert_dot_margin_mse", "bert_dot_labels", "tct_colbert"]
+    steps = []
     for name in dense:
         iout = j("index", name)
         icfg = IndexConfig(data=store, encoder=_model_dir(j("students", name)), out=iout, shards=cfg.shards,
                            merge=True, max_length=64, query_max_length=16)
-        timed(f"index {name}", lambda icfg=icfg: index(icfg), iout)
+        steps.append((f"index {name}", lambda icfg=icfg: index(icfg), iout))
+    together(steps)
 
     # 7. search the dev queries
     runs: dict[str, str] = {}
