@@ -301,8 +301,8 @@ def test_cross_device_loss_equals_one_worker_with_the_whole_batch(colbert_teache
 def _stage_cfg(sample_store, **kw):
     from raykd.stages.train import TrainConfig
 
-    base = dict(data=sample_store, scores=None, workers=2, batch_size=8, lr=3e-4, checkpoint_every=10,
-                keep_checkpoints=1, log_every=5, val_queries=20, val_negatives=19, max_failures=0)
+    base = dict(data=sample_store, scores=None, workers=2, batch_size=8, lr=3e-4, checkpoint_every=6,
+                keep_checkpoints=1, log_every=3, val_queries=10, val_negatives=9, max_failures=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -314,7 +314,7 @@ def trained_colbert_teacher(ray_cluster, sample_store, tiny_models, tmp_path_fac
 
     out = str(tmp_path_factory.mktemp("tct-stage1"))
     train(_stage_cfg(sample_store, student="colbert", init=tiny_models("bert", "encoder", seed=3), loss="labels",
-                     out=out, steps=20, student_options={"dim": 32}))
+                     out=out, steps=12, student_options={"dim": 32}))
     return os.path.join(out, "model")
 
 
@@ -333,9 +333,9 @@ def test_three_ablation_modes_train_end_to_end_on_two_ray_workers(trained_colber
         out = str(tmp_path / mode)
         manifest = train(_stage_cfg(
             sample_store, student="tct", init=trained_colbert_teacher, teacher=trained_colbert_teacher, loss="tct",
-            out=out, steps=10, loss_options={"mode": mode, "cross_device": cross_device},
+            out=out, steps=6, loss_options={"mode": mode, "cross_device": cross_device},
         ))
-        assert manifest.stats["loss_name"] == "tct" and manifest.counts["steps"] == 10
+        assert manifest.stats["loss_name"] == "tct" and manifest.counts["steps"] == 6
         history = [json.loads(x) for x in storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()]
         logged = [h for h in history if "loss" in h]
         assert logged and all(math.isfinite(h["loss"]) for h in logged)
