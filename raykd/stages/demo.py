@@ -39,6 +39,7 @@ class DemoConfig:
     dev_queries: int = field(100, help="Sample: dev queries (evaluated).")
     passages: int = field(4000, help="Sample: passages.")
     negatives: int = field(20, help="Sample: negatives per training query (each (query, positive) pair repeats).")
+    passage_words: tuple = field((12, 24), help="Sample: words per passage (min, max); short keeps CPU steps cheap.")
     workers: int = field(2, help="Ray Train workers per training run.")
     teacher_steps: int = field(600, help="Optimizer steps fine-tuning each teacher on the labels.")
     student_steps: int = field(300, help="Optimizer steps per student.")
@@ -108,6 +109,7 @@ def demo(cfg: DemoConfig) -> dict:
         dev_queries=cfg.dev_queries,
         passages=cfg.passages,
         negatives=cfg.negatives,
+        passage_words=tuple(cfg.passage_words),
     )
     timed("sample", lambda: write_sample(j("raw"), spec), j("raw"),
           done=lambda: storage.exists(j("raw", "qidpidtriples.train.small.tsv")))
