@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first, pinned, so pip takes the local CPU wheel instead of several GB of CUDA packages.
+# constraints.txt pins every other package to the versions the suite was last run with (no resolver backtracking,
+# the same environment in CI); refresh it with `.venv/bin/pip freeze --exclude-editable | grep -v -E "^torch=="`.
 # On a GPU machine: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" ...
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 demo: setup
