@@ -96,7 +96,9 @@ def demo(cfg: DemoConfig) -> dict:
         """Independent steps side by side on the one Ray cluster: their fixed start-up costs overlap and their
         actors share the CPUs."""
         t0 = time.time()
-        with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        # two at a time: each training run holds ~1.25 CPUs of the local cluster's 4 logical ones and its data
+        # pipeline needs the rest; a third would starve all of them
+        with ThreadPoolExecutor(max_workers=min(2, len(steps))) as pool:
             futures = [pool.submit(timed, name, fn, outdir) for name, fn, outdir in steps]
             for f in futures:
                 f.result()
