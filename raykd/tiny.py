@@ -44,11 +44,13 @@ def build_tiny_model(
     intermediate: int = 128,
     max_position: int = 512,
     seed: int = 0,
+    dropout: float = 0.1,
 ) -> str:
     """Write a randomly initialised model + tokenizer to ``out_dir`` and return the path.
 
     ``arch``: ``bert`` | ``albert`` | ``distilbert``. ``head``: ``encoder`` (AutoModel) or ``cross_encoder``
-    (AutoModelForSequenceClassification, one label: BERT_CAT's linear layer on CLS)."""
+    (AutoModelForSequenceClassification, one label: BERT_CAT's linear layer on CLS). ``dropout``: hidden and
+    attention dropout (tiny models trained from scratch on the sample learn faster without)."""
     import torch
     from transformers import (
         AlbertConfig,
@@ -69,6 +71,8 @@ def build_tiny_model(
             num_attention_heads=heads,
             intermediate_size=intermediate,
             max_position_embeddings=max_position,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
         )
     elif arch == "albert":
         config = AlbertConfig(
@@ -79,6 +83,9 @@ def build_tiny_model(
             num_attention_heads=heads,
             intermediate_size=intermediate,
             max_position_embeddings=max_position,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            classifier_dropout_prob=dropout,
         )
     elif arch == "distilbert":
         config = DistilBertConfig(
@@ -88,6 +95,8 @@ def build_tiny_model(
             n_heads=heads,
             hidden_dim=intermediate,
             max_position_embeddings=max_position,
+            dropout=dropout,
+            attention_dropout=dropout,
         )
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; expected bert, albert or distilbert")

@@ -43,7 +43,7 @@ class DemoConfig:
     workers: int = field(2, help="Ray Train workers per training run.")
     teacher_steps: int = field(600, help="Optimizer steps fine-tuning each teacher on the labels.")
     student_steps: int = field(300, help="Optimizer steps per student.")
-    teacher_lr: float = field(1e-3, help="Peak learning rate of the teachers (tiny models from scratch).")
+    teacher_lr: float = field(2e-3, help="Peak learning rate of the teachers (tiny models from scratch).")
     student_lr: float = field(1e-3, help="Peak learning rate of the students.")
     batch_size: int = field(32, help="Triples per worker per step.")
     hidden: int = field(64, help="Hidden size of the tiny models.")
@@ -122,12 +122,17 @@ def demo(cfg: DemoConfig) -> dict:
     cache = cfg.local_cache or (os.path.join(out, "init") if not storage.is_s3(out) else
                                 os.path.expanduser("~/.cache/raykd/demo-init"))
     inits = {}
-    for name, arch, head in [("teacher_bert", "bert", "cross_encoder"), ("teacher_albert", "albert", "cross_encoder"),
-                             ("student", "bert", "encoder")]:
-        path = os.path.join(cache, f"{name}-h{cfg.hidden}-s{cfg.seed}")
+    # teachers: one wide attention layer without dropout learns the sample's term matching fastest from scratch
+    shapes = {
+        "teacher_bert": ("bert", "cross_encoder", 2 * cfg.hidden, 1, 4, 0.0),
+        "teacher_albert": ("albert", "cross_encoder", 2 * cfg.hidden, 1, 4, 0.0),
+        "student": ("bert", "encoder", cfg.hidden, 2, 2, 0.1),
+    }
+    for name, (arch, head, hidden, layers, heads, dropout) in shapes.items():
+        path = os.path.join(cache, f"{name}-h{hidden}-l{layers}-s{cfg.seed}")
         if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny_model(path, arch=arch, head=head, hidden=cfg.hidden, layers=2, heads=2,
-                             intermediate=cfg.hidden * 2, seed=cfg.seed + len(inits))
+            build_tiny_model(path, arch=arch, head=head, hidden=hidden, layers=layers, heads=heads,
+                             intermediate=hidden * 2, seed=cfg.seed + len(inits), dropout=dropout)
         inits[name] = path
 
     common = dict(data=store, workers=cfg.workers, batch_size=cfg.batch_size, seed=cfg.seed,
