@@ -323,11 +323,15 @@ def test_ray_job_submit_default_sample(tmp_path):
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         runtime_env = {"env_vars": {"RAYKD_SCORE_WORK": str(work), "HF_HUB_OFFLINE": "1"}}
-        sub = subprocess.run(
-            [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-             "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/score_teachers.py",
-             "--sample-train-queries", "30", "--sample-negatives", "20"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        cmd = [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/score_teachers.py",
+               "--sample-train-queries", "30", "--sample-negatives", "20"]
+        deadline = time.time() + 90
+        while True:  # a fresh head's job agent can take a while to register ("No available agent")
+            sub = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+            if sub.returncode == 0 or "No available agent" not in sub.stderr + sub.stdout or time.time() > deadline:
+                break
+            time.sleep(3)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
         s = TripleScores(str(work / "scores"))
         store = TextStore(str(work / "store"))
