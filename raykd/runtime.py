@@ -20,9 +20,12 @@ def init_ray(progress_bars: bool | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = storage.worker_env()
-    kwargs: dict = {"runtime_env": {"env_vars": env} if env else None}
+    kwargs: dict = {}
     if not os.environ.get("RAY_ADDRESS"):
+        env = storage.worker_env()
+        # a job submitted with `ray job submit` already has its runtime env (Ray refuses to merge a second
+        # one that sets the same variables); a local cluster gets the driver's storage settings here
+        kwargs["runtime_env"] = {"env_vars": env} if env else None
         kwargs["address"] = "local"
         kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
         kwargs["include_dashboard"] = False

@@ -311,14 +311,19 @@ def test_ray_job_submit_default_sample(tmp_path):
     data/teacher arguments: it scores the embedded sample (made smaller here) with the default tiny ensemble,
     and the output is complete."""
     bindir = Path(sys.executable).parent
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    port, dash, agent = _free_port(), _free_port(), _free_port()
+    # the head (and so the job's `python`) must run this environment's interpreter, as a cluster's nodes do
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS")
     temp = f"/tmp/rk{os.getpid()}"  # ray's socket paths must stay short
     work = tmp_path / "work"
     start = subprocess.run(
-        [str(bindir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", f"--temp-dir={temp}",
-         "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        [str(bindir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+         f"--temp-dir={temp}", "--include-dashboard=true", f"--dashboard-port={dash}",
+         # its own agent port: the default (52365) is held by any other Ray instance on the machine, e.g. the
+         # test session's cluster, and a head whose agent cannot bind accepts no jobs ("No available agent")
+         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
@@ -332,7 +337,7 @@ def test_ray_job_submit_default_sample(tmp_path):
             if sub.returncode == 0 or "No available agent" not in sub.stderr + sub.stdout or time.time() > deadline:
                 break
             time.sleep(3)
-        assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-2000:])
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-2000:]
         s = TripleScores(str(work / "scores"))
         store = TextStore(str(work / "store"))
         assert len(s) == store.triples().group_by(KEYS).aggregate([]).num_rows > 0
