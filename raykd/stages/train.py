@@ -465,17 +465,6 @@ class _null:
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def _upload_dir(local: str, uri: str) -> list[str]:
-    written = []
-    for root, _, files in os.walk(local):
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(root, name), local)
-            with open(os.path.join(root, name), "rb") as f:
-                storage.write_bytes_atomic(storage.join(uri, rel), f.read())
-            written.append(rel)
-    return written
-
-
 def train(cfg: TrainConfig) -> storage.Manifest:
     """Run (or resume, or return the finished) training described by ``cfg``."""
     import ray
@@ -537,7 +526,7 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; nothing to save")
     with result.checkpoint.as_directory() as d:
-        files = _upload_dir(os.path.join(d, "model"), storage.join(cfg.out, "model"))
+        files = storage.upload_dir(os.path.join(d, "model"), storage.join(cfg.out, "model"))
         with open(os.path.join(d, "metrics.jsonl"), "rb") as f:
             history_bytes = f.read()
     storage.write_bytes_atomic(storage.join(cfg.out, "metrics.jsonl"), history_bytes)
