@@ -86,3 +86,6 @@ def test_ensemble_is_weighted_mean_and_table_schema():
 def test_teacher_names_are_unique_and_column_safe():
     assert fmt.teacher_names(["/m/bert-base/", "org/ALBERT.large", "/x/bert-base"]) == [
         "bert_base", "albert_large", "bert_base_2"]
+    # a raykd training output's model folder is named after its run
+    assert fmt.teacher_names(["s3://b/teachers/T-Wide/model", "/out/narrow/model/", "model"]) == [
+        "t_wide", "narrow", "model"]

@@ -66,10 +66,14 @@ def schema(teachers: Sequence[str]) -> pa.Schema:
 
 def teacher_names(names_or_paths: Sequence[str]) -> list[str]:
     """Column-safe, unique teacher names from model names or paths (last path component, lower case,
-    ``[a-z0-9_]`` only; repeats get ``_2``, ``_3``)."""
+    ``[a-z0-9_]`` only; repeats get ``_2``, ``_3``). A trained raykd model, ``RUN/model``, is named after its
+    run folder ``RUN``."""
     out: list[str] = []
     for n in names_or_paths:
-        base = str(n).rstrip("/").split("/")[-1] or "teacher"
+        parts = [p for p in str(n).rstrip("/").split("/") if p]
+        if len(parts) > 1 and parts[-1] == "model" and not parts[-2].endswith(":"):
+            parts.pop()
+        base = parts[-1] if parts else "teacher"
         name = re.sub(r"[^a-z0-9_]+", "_", base.lower()).strip("_") or "teacher"
         cand, i = name, 2
         while cand in out:

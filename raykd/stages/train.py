@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -196,7 +197,7 @@ def _dataset(cfg: TrainConfig, spec, scores):
         batch_format="numpy",
         batch_size=1024,
         num_cpus=0.25,
-        concurrency=max(1, cfg.data_workers),
+        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.data_workers)),
     )
     return ds
 
@@ -346,6 +347,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        # Ray Train logs every report (the whole metrics dict) at INFO; raykd prints its own step lines
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001 - logging only
         pass
     spec = get_loss(cfg.loss)
