@@ -1,6 +1,6 @@
 """Throughput of raykd's Ray Train loop against a bare single-process torch loop, side by side in one run.
 
-    .venv/bin/python bench/train_throughput.py [--student colbert] [--steps 80] [--batch-size 32] [--threads 1]
+    .venv/bin/python bench/train_throughput.py [--student colbert] [--steps 100] [--size small|tiny] [--batch-size 32] [--threads 1]
 
 Both loops train the same student (a tiny real BERT-shaped model, or --init PATH) with Margin-MSE on the same
 triples of the embedded sample (teacher: a lexical overlap scorer), with the same batch size, AdamW, clipping
@@ -40,7 +40,6 @@ def setup(root: str, init: str | None) -> tuple[str, str, str]:
     from raykd.formats.store import TextStore
     from raykd.sample import SampleSpec, write_sample
     from raykd.stages.prepare import PrepareConfig, prepare
-    from raykd.tiny import build_tiny_model
 
     write_sample(f"{root}/raw", SampleSpec(train_queries=100, dev_queries=10, passages=1000, negatives=40))
     prepare(PrepareConfig(msmarco=f"{root}/raw", out=f"{root}/store"))
@@ -56,7 +55,15 @@ def setup(root: str, init: str | None) -> tuple[str, str, str]:
     storage.write_manifest(f"{root}/scores", "score", format=fmt.FORMAT, format_version=fmt.VERSION,
                            counts={"triples": table.num_rows}, stats={"teachers": ["lexical"], "weights": [1.0]},
                            parts=[f"parts/{fmt.part_name(0)}"])
-    return f"{root}/store", f"{root}/scores", init or build_tiny_model(f"{root}/init", arch="bert", hidden=128, layers=2)
+    return f"{root}/store", f"{root}/scores", init
+
+
+SIZES = {
+    # an 11M-parameter BERT: a step does real work, as a real student's does (the default)
+    "small": dict(hidden=256, layers=4, heads=4, intermediate=1024),
+    # the tests' tiny model: a step is mostly Python dispatch, so fixed per-step costs show most
+    "tiny": dict(hidden=128, layers=2),
+}
 
 
 def bare_loop(args, store_uri: str, scores_uri: str, init: str) -> float:
@@ -117,14 +124,20 @@ def ray_loop(args, store_uri: str, scores_uri: str, init: str, out: str) -> floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", default="colbert")
-    p.add_argument("--init", default=None, help="model to start from (default: a tiny BERT, hidden 128)")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--init", default=None, help="model to start from (default: a fresh BERT of --size)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small",
+                   help="small: h256 x 4 layers (11M parameters); tiny: h128 x 2 layers")
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="raykd-bench-train-")
     store, scores, init = setup(root, args.init)
+    if init is None:
+        from raykd.tiny import build_tiny_model
+
+        init = build_tiny_model(f"{root}/init", arch="bert", **SIZES[args.size])
     # the bare loop runs before and after the Ray loop and counts as the mean of the two, so that a drift in the
     # machine's speed during the run falls on both sides
     before = bare_loop(args, store, scores, init)
