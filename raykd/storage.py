@@ -45,6 +45,23 @@ def _strip_file(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute; ``s3://`` URIs and empty values unchanged. Stages pass URIs to Ray workers,
+    whose working directory is not the driver's: a relative ``demo-out/...`` would name another folder there."""
+    if not uri or is_s3(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(_strip_file(uri)))
+
+
+def absolute_model(name_or_path: str | None) -> str | None:
+    """A model given as an existing local folder made absolute (see :func:`absolute`); a hub name (no such
+    local path) or an ``s3://`` URI unchanged."""
+    if not name_or_path or is_s3(name_or_path):
+        return name_or_path
+    path = os.path.expanduser(_strip_file(name_or_path))
+    return os.path.abspath(path) if os.path.exists(path) else name_or_path
+
+
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 

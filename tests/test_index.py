@@ -15,6 +15,7 @@ from raykd import dense_index as dx
 from raykd import metrics, storage
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
+from raykd.formats.store import TextStore
 from raykd.stages.index import IndexConfig, index, plan_chunks, plan_shards
 from raykd.stages.search import SearchConfig, search
 
@@ -241,3 +242,22 @@ def test_other_factories_build_from_committed_vectors(minilm_index, minilm_path,
         s2, r2 = approx.search(q, 10, use="merged", nprobe=8)
         assert np.allclose(s1, s2, atol=1e-5)
     assert storage.read_bytes(storage.join(out, "merged", "merged.json"))
+
+
+@pytest.mark.slow
+def test_relative_paths_reach_the_actors_as_absolute_ones(ray_cluster, sample_store, tiny_encoder, tmp_path,
+                                                          monkeypatch):
+    """`raykd index --data store --encoder model --out idx` from the folder that holds them: Ray's workers do
+    not share the driver's working directory, so the stage hands them absolute paths."""
+    import os
+
+    os.symlink(sample_store, tmp_path / "store")
+    os.symlink(tiny_encoder, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    m = index(IndexConfig(data="store", encoder="model", out="idx", shards=2))
+    assert m.counts["passages"] == TextStore(sample_store).manifest["counts"]["corpus"]
+    assert storage.has_manifest(str(tmp_path / "idx"))
+    assert storage.absolute("idx") == str(tmp_path / "idx") and storage.absolute("s3://b/k") == "s3://b/k"
+    # a hub name is not a local path: left for from_pretrained to resolve
+    assert storage.absolute_model("model") == str(tmp_path / "model")
+    assert storage.absolute_model("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"

@@ -83,7 +83,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     t_start = time.time()
     init_ray(progress_bars=False)  # the demo logs one line per step; Ray Data's bars would drown them
-    out = cfg.out.rstrip("/")
+    out = storage.absolute(cfg.out.rstrip("/"))  # Ray workers do not share this process's working directory
     j = lambda *p: storage.join(out, *p)  # noqa: E731
     timings: dict[str, float] = {}
 

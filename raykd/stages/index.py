@@ -300,6 +300,9 @@ def index(cfg: IndexConfig) -> storage.Manifest:
     """Encode the store's passages into ``cfg.shards`` Faiss shards under ``cfg.out``; resumable."""
     if not cfg.data or not cfg.encoder or not cfg.out:
         raise UserError("index needs --data (a text store), --encoder and --out")
+    # actors get these as strings and do not share the driver's working directory
+    cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data), out=storage.absolute(cfg.out),
+                              encoder=storage.absolute_model(cfg.encoder))
     t0 = time.time()
     store = TextStore(cfg.data)
     spec = resolve(cfg.spec())

@@ -548,6 +548,9 @@ def score(cfg: ScoreConfig) -> storage.Manifest:
     t_start = time.time()
     if not cfg.data or not cfg.out:
         raise UserError("score needs --data (a text store) and --out (where to write the scores)")
+    # actors get these as strings and do not share the driver's working directory
+    cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data), out=storage.absolute(cfg.out),
+                              teachers=[storage.absolute_model(t) for t in cfg.teachers])
     if not cfg.teachers:
         raise UserError("score needs at least one --teacher (a cross-encoder hub name or path)")
     if cfg.batch_size < 1 or cfg.bucket_pairs < 1 or cfg.rows_per_part < 1 or cfg.parts_per_round < 1:
