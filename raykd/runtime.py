@@ -14,9 +14,8 @@ import os
 from raykd import storage
 
 
-def init_ray(progress_bars: bool | None = None, min_cpus: int = 4) -> None:
-    """Connect to (or start) Ray once per process; a no-op when already connected. A local cluster advertises
-    at least ``min_cpus`` logical CPUs (scheduling slots: several stages side by side on few cores)."""
+def init_ray(progress_bars: bool | None = None) -> None:
+    """Connect to (or start) Ray once per process; a no-op when already connected."""
     import ray
 
     if ray.is_initialized():
@@ -28,7 +27,7 @@ def init_ray(progress_bars: bool | None = None, min_cpus: int = 4) -> None:
         # one that sets the same variables); a local cluster gets the driver's storage settings here
         kwargs["runtime_env"] = {"env_vars": env} if env else None
         kwargs["address"] = "local"
-        kwargs["num_cpus"] = max(min_cpus, os.cpu_count() or 1)
+        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
     if progress_bars is not None:

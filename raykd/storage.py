@@ -56,10 +56,8 @@ def absolute(uri: str | None) -> str | None:
 def absolute_model(name_or_path: str | None) -> str | None:
     """A model given as an existing local folder made absolute (see :func:`absolute`); a hub name (no such
     local path) or an ``s3://`` URI unchanged."""
-    if not name_or_path or is_s3(name_or_path):
-        return name_or_path
-    path = os.path.expanduser(_strip_file(name_or_path))
-    return os.path.abspath(path) if os.path.exists(path) else name_or_path
+    path = absolute(name_or_path)
+    return path if not path or is_s3(path) or os.path.exists(path) else name_or_path
 
 
 def s3_endpoint() -> str | None:
@@ -79,8 +77,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         # listings are cached by s3fs; stages write and re-list, so never serve stale listings
         fs = s3fs.S3FileSystem(use_listings_cache=False, **kwargs)
         return fs, uri[len("s3://") :].rstrip("/")
-    path = os.path.abspath(os.path.expanduser(_strip_file(uri)))
-    return fsspec.filesystem("file"), path
+    return fsspec.filesystem("file"), absolute(uri)
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -96,7 +93,7 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         if region:
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(_strip_file(uri)))
+    return pafs.LocalFileSystem(), absolute(uri)
 
 
 def join(uri: str, *parts: str) -> str:

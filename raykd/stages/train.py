@@ -476,13 +476,13 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raykd.formats.scores import TripleScores
+    from raykd.formats.store import TextStore
+
     # the workers get these as strings and do not share the driver's working directory
     cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data), scores=storage.absolute(cfg.scores),
                               out=storage.absolute(cfg.out), init=storage.absolute_model(cfg.init),
                               teacher=storage.absolute_model(cfg.teacher))
-
-    from raykd.formats.scores import TripleScores
-    from raykd.formats.store import TextStore
 
     spec = _check_config(cfg)
     if storage.has_manifest(cfg.out):
