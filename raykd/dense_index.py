@@ -11,8 +11,11 @@ Layout under the index URI (what ``raykd index`` writes)::
                                         so all shards share ONE coarse quantizer (and PQ codebooks)
     merged/index.faiss, merged/ids.parquet, merged/merged.json   (only if a merge was asked for)
     manifest.json                       stage "index"; inputs.encoder = the resolved encoder spec (search
-                                        encodes queries with it), config.factory, counts.dim, parts = the
-                                        shard table [{name, rows, first_row}], stats, timings; written last
+                                        encodes queries with it; ``precision`` auto|fp32|bf16, read as fp32
+                                        when absent: indexes written before it existed were fp32 on CPU),
+                                        config.factory, counts.dim, parts = the shard table
+                                        [{name, rows, first_row}], stats (``encode_dtype``: float32 |
+                                        bfloat16 | mixed, what the actors used), timings; written last
 
 Shard s holds the corpus rows ``[first_row, first_row + rows)`` in the text store's part order; global row =
 ``first_row + label``. Scores are inner products (for an L2-normalised encoder: cosine).
@@ -42,6 +45,11 @@ from raykd.errors import FormatError, UserError
 
 FORMAT = "raykd.dense_index"
 VERSION = 1
+
+
+def encoder_of(manifest: dict) -> dict:
+    """The encoder spec an index manifest records (see the layout above for ``precision``)."""
+    return {"precision": "fp32", **manifest["inputs"]["encoder"]}
 
 
 def shard_name(s: int) -> str:
@@ -144,7 +152,7 @@ class DenseIndex:
         self.dim = int(self.manifest["counts"]["dim"])
         self.factory = self.manifest["config"]["factory"]
         self.shards = [Shard(s["name"], int(s["rows"]), int(s["first_row"])) for s in self.manifest["parts"]]
-        self.encoder = self.manifest["inputs"]["encoder"]
+        self.encoder = encoder_of(self.manifest)
         self._ids: pa.Table | None = None
 
     @property

@@ -13,7 +13,10 @@ own file, and the flags given. Checkpoint files read:
   own TCT input format (``[CLS] [Q] q [MASK]*`` to 36 tokens, mean after the prefix).
 
 Passages are encoded in length-sorted micro-batches (longest first, like sentence-transformers), so a batch
-pads to similar lengths; the output keeps the input order. Nothing here knows about Ray.
+pads to similar lengths; the output keeps the input order. The transformer runs under bf16 autocast where the
+hardware multiplies bf16 natively (``precision="auto"``: CUDA, or a CPU with AVX512-BF16/AMX), float32 elsewhere
+or with ``precision="fp32"``; on all-MiniLM-L6-v2 the bf16 vectors keep cosine >= 0.9999 to the float32 ones and
+scifact-mini nDCG@10 stays 0.7769 (tests/test_index.py). Nothing here knows about Ray.
 """
 
 from __future__ import annotations
@@ -27,6 +30,35 @@ import torch
 from raykd.errors import UserError
 
 POOLINGS = ("cls", "mean")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Without either, oneDNN emulates bf16
+    and it is slower than float32; with AVX512-BF16 (2 EPYC cores), MiniLM encodes ~1.8x faster in bf16."""
+    import torch.cpu
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(torch.cpu, probe, None)
+        try:
+            if f is not None and f():
+                return True
+        except Exception:  # noqa: BLE001 - a private probe; absent or failing means "not known to be native"
+            pass
+    return False
+
+
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype the encoder's forward pass runs in (autocast); pooling and normalisation stay float32.
+
+    ``auto``: bf16 on CUDA and on CPUs with native bf16 (:func:`cpu_has_native_bf16`), else fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass
@@ -41,6 +73,7 @@ class EncoderSpec:
     query_prefix: str = ""
     passage_prefix: str = ""
     pool_skip: int | None = None  # leading tokens left out of mean pooling; None: from the checkpoint, else 0
+    precision: str = "auto"  # auto | fp32 | bf16 (compute_dtype); resolved on the device that encodes
     kind: str | None = None  # "hf" | "bert_dot" | "tct", filled by resolve()
 
     def to_dict(self) -> dict:
@@ -85,10 +118,13 @@ def resolve(spec: EncoderSpec) -> EncoderSpec:
         query_prefix=spec.query_prefix,
         passage_prefix=spec.passage_prefix,
         pool_skip=int(pick(spec.pool_skip, "pool_skip", 0)),
+        precision=spec.precision,
         kind=kind,
     )
     if out.pooling not in POOLINGS:
         raise UserError(f"unknown pooling {out.pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if out.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {out.precision!r}; expected one of {', '.join(PRECISIONS)}")
     return out
 
 
@@ -122,6 +158,8 @@ class DenseEncoder:
         except OSError as e:
             raise UserError(f"cannot load encoder {self.spec.name_or_path!r}: {e}") from None
         self.model.to(self.device).eval()
+        self.dtype = compute_dtype(self.device, self.spec.precision)
+        self.bf16 = self.dtype == torch.bfloat16
         self.forward_passes = 0
         self.tokens = 0
         self.padded_tokens = 0
@@ -136,8 +174,7 @@ class DenseEncoder:
         self.forward_passes += 1
         self.tokens += int(batch["attention_mask"].sum())
         self.padded_tokens += int(batch["attention_mask"].numel())
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         v = pool(hidden.float(), batch["attention_mask"], self.spec.pooling, skip)
         if self.spec.normalize:
@@ -178,11 +215,3 @@ class DenseEncoder:
 
     def encode_queries(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         return self.encode(texts, query=True, batch_size=batch_size)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -13,6 +13,7 @@ import pytest
 
 from raykd import dense_index as dx
 from raykd import metrics, storage
+from raykd.encoders import DenseEncoder, EncoderSpec, compute_dtype, cpu_has_native_bf16
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.formats.store import TextStore
@@ -81,11 +82,42 @@ def test_topk_merge_of_shard_results_equals_global_topk():
 
 # ------------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
+def test_encoder_precisions_against_sentence_transformers(minilm_path, shared):
+    """fp32 gives sentence-transformers' own vectors; bf16 (the CPU default where it is native) stays within
+    cosine 0.999 of them; an unknown precision is refused."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    with open(shared("scifact-mini") / "corpus.jsonl") as f:
+        docs = [json.loads(line) for line, _ in zip(f, range(48))]
+    texts = [f"{d['title']} {d['text']}" for d in docs]
+    st = SentenceTransformer(minilm_path, device="cpu")
+    st.max_seq_length = 256
+    ref = st.encode(texts, batch_size=16, normalize_embeddings=True)
+
+    def encoder(precision):
+        return DenseEncoder(EncoderSpec(minilm_path, pooling="mean", normalize=True, max_length=256,
+                                        precision=precision), device="cpu")
+
+    fp32, bf16 = encoder("fp32"), encoder("bf16")
+    assert (fp32.dtype, bf16.dtype) == (torch.float32, torch.bfloat16)
+    assert np.abs(fp32.encode_passages(texts, batch_size=16) - ref).max() < 1e-5
+    v = bf16.encode_passages(texts, batch_size=16)
+    cos = (v * ref).sum(1)
+    assert cos.min() > 0.999 and np.abs(v - ref).max() > 1e-5, (cos.min(), np.abs(v - ref).max())
+    assert encoder("auto").dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert compute_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+    with pytest.raises(UserError, match="unknown precision 'fp16'"):
+        encoder("fp16")
+
+
 def test_minilm_scifact_mini_ndcg10_matches_reference(minilm_index, scifact_mini_store, tmp_path):
     m = storage.read_manifest(minilm_index, stage="index")
     assert m["counts"] == {"passages": 1000, "shards": 3, "dim": 384}
     assert [p["rows"] for p in m["parts"]] == [333, 333, 334]
     assert m["inputs"]["encoder"]["pooling"] == "mean" and m["inputs"]["encoder"]["normalize"] is True
+    # precision "auto": bf16 where this CPU multiplies it natively, recorded in the manifest; the reference holds
+    assert m["stats"]["encode_dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     run = _search(scifact_mini_store, minilm_index, str(tmp_path / "shards"), use="shards", k=1000)
     ev = metrics.evaluate(run, _qrels(scifact_mini_store, "test"), ["nDCG@10"])
     assert ev.num_queries == 100
@@ -183,8 +215,15 @@ def test_rerun_resumes_and_bad_shards_are_refused(ray_cluster, sample_store, tin
     index(cfg)
     again = index(cfg)
     assert again.stats["resumed_shards"] == 2 and "encode_seconds" not in again.stats
-    with pytest.raises(UserError, match="another encoder or shard count"):
+    with pytest.raises(UserError, match="other settings \\(shards: 2 there, 3 now\\)"):
         index(IndexConfig(data=sample_store, encoder=tiny_encoder, shards=3, out=out))
+    with pytest.raises(UserError, match="precision: 'auto' there, 'fp32' now"):
+        index(IndexConfig(data=sample_store, encoder=tiny_encoder, shards=2, out=out, precision="fp32"))
+    # a manifest from before precision was recorded reads as fp32 (what such indexes were encoded in on CPU)
+    m = storage.read_manifest(out, stage="index")
+    assert dx.encoder_of(m)["precision"] == "auto"
+    del m["inputs"]["encoder"]["precision"]
+    assert dx.encoder_of(m)["precision"] == "fp32"
     # a shard from an encoder of another dimension: refused with the file named, never silently searched
     di = dx.DenseIndex(out)
     bad = faiss.IndexFlatIP(di.dim + 8)

@@ -50,6 +50,8 @@ class IndexConfig:
     query_max_length: int | None = field(None, help="Query max tokens, recorded for search (default 64).")
     query_prefix: str = field("", help="Text put before every query (e.g. 'query: ').")
     passage_prefix: str = field("", help="Text put before every passage (e.g. 'passage: ').")
+    precision: str = field("auto", help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with native "
+                                        "bf16 (AVX512-BF16/AMX), else fp32. Recorded; search encodes queries alike.")
     shards: int = field(1, help="Number of shards.")
     factory: str = field("Flat", help="Faiss index factory string: Flat, IVF4096,Flat, IVF4096,PQ64, HNSW32, ...")
     train_sample: int = field(100_000, help="Vectors sampled (over all shards) to train IVF/PQ factories.")
@@ -72,6 +74,7 @@ class IndexConfig:
             query_max_length=self.query_max_length,
             query_prefix=self.query_prefix,
             passage_prefix=self.passage_prefix,
+            precision=self.precision,
         )
 
 
@@ -115,9 +118,11 @@ class _PassageEncoder:
         e = self.encoder
         before = (e.forward_passes, e.tokens, e.padded_tokens)
         vectors = e.encode_passages(list(batch["passage"]), batch_size=self.batch_size)
-        # this call's work, carried on its first row (the driver sums the column)
-        work = np.zeros((len(vectors), 3), dtype=np.int64)
-        work[0] = (e.forward_passes - before[0], e.tokens - before[1], e.padded_tokens - before[2])
+        # this call's work, carried on its first row (the driver sums the column): forward passes, tokens,
+        # padded tokens, and the rows encoded in bf16
+        work = np.zeros((len(vectors), 4), dtype=np.int64)
+        work[0] = (e.forward_passes - before[0], e.tokens - before[1], e.padded_tokens - before[2],
+                   len(vectors) if e.bf16 else 0)
         return {
             "shard": batch["shard"],
             "row": batch["row"],
@@ -194,7 +199,7 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
         )
         progress = Progress(log, "passages encoded", total)
         current, buf, ids_pid, ids_doc, filled = None, None, None, None, 0
-        work = np.zeros(3, dtype=np.int64)
+        work = np.zeros(4, dtype=np.int64)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             work += batch["work"].sum(axis=0)
             for s in np.unique(batch["shard"]):
@@ -221,7 +226,8 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
             _commit_vectors(cfg.out, shards[current], buf, ids_pid, ids_doc, filled)
         stats["encode_seconds"] = round(progress.close(), 3)
         stats["passages_per_second"] = round(total / max(stats["encode_seconds"], 1e-9), 2)
-        stats["forward_passes"], stats["tokens"], stats["padded_tokens"] = (int(x) for x in work)
+        stats["forward_passes"], stats["tokens"], stats["padded_tokens"] = (int(x) for x in work[:3])
+        stats["encode_dtype"] = {0: "float32", total: "bfloat16"}.get(int(work[3]), "mixed")
         stats["padding_fraction"] = round(1 - int(work[1]) / max(int(work[2]), 1), 4)
     finally:
         ctx.execution_options.preserve_order = old_order
@@ -311,9 +317,13 @@ def index(cfg: IndexConfig) -> storage.Manifest:
     shards = plan_shards(total, cfg.shards)
     if storage.has_manifest(cfg.out):
         old = storage.read_manifest(cfg.out, stage="index", format=dx.FORMAT)
-        if old["inputs"]["encoder"] != spec.to_dict() or old["config"]["shards"] != cfg.shards:
+        was = {**dx.encoder_of(old), "shards": old["config"]["shards"]}
+        now = {**spec.to_dict(), "shards": cfg.shards}
+        diff = {k: (was.get(k), now.get(k)) for k in now if was.get(k) != now.get(k)}
+        if diff:
             raise UserError(
-                f"{cfg.out} already holds an index of another encoder or shard count; use a new --out"
+                f"{cfg.out} already holds an index made with other settings "
+                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); use a new --out"
             )
     done = {
         s for s, sh in enumerate(shards) if storage.exists(storage.join(cfg.out, "shards", sh["name"], "encoded.json"))

@@ -77,6 +77,7 @@ class SearchConfig:
     alpha_grid: list = field([], help="Hybrid: alphas to try (default: 0 and 41 values from 0.001 to 10).")
     batch_size: int = field(64, help="Queries per encoder pass / pairs per re-rank pass.")
     latency_queries: int = field(0, help="Also time this many queries one at a time (batch size 1).")
+    precision: str | None = field(None, help="Dense query encoding: auto | fp32 | bf16 (default: the index's).")
     torch_threads: int = field(0, help="Torch threads (0: torch's default).")
     device: str | None = field(None, help="Torch device (default cuda if available).")
     tag: str | None = field(None, help="Run tag in run.trec (default: the mode).")
@@ -142,7 +143,10 @@ def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) ->
     di = DenseIndex(cfg.index, cache=cfg.latency_queries > 0)  # timing single queries: load shards once
     queries = split_queries(store, split)
     texts = queries["text"].to_pylist()
-    encoder = DenseEncoder(EncoderSpec(**di.encoder), device=cfg.device)
+    spec = EncoderSpec(**di.encoder)
+    if cfg.precision:
+        spec.precision = cfg.precision
+    encoder = DenseEncoder(spec, device=cfg.device)
     t0 = time.perf_counter()
     q = encoder.encode_queries(texts, batch_size=cfg.batch_size)
     t1 = time.perf_counter()
