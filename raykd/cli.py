@@ -241,6 +241,8 @@ def train(config_file, tct_mode, tau, gamma, cross_device, **flags):
 @click.option("--actor-cpus", type=float, default=None, help="Ray CPUs per actor (default 0.5).")
 @click.option("--actor-gpus", type=float, default=None, help="GPUs per actor (default 0).")
 @click.option("--batch-size", type=int, default=None, help="Passages per forward pass (default 32).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Encoder compute precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32).")
 @click.option("--out", default=None, help="Output URI of the index.")
 @CONFIG_OPTION
 def index(config_file, **flags):
@@ -280,6 +282,8 @@ def index(config_file, **flags):
 @click.option("--alpha-grid", type=float, multiple=True, help="Alphas to try (repeatable).")
 @click.option("--batch-size", type=int, default=None, help="Queries per encoder pass / pairs per re-rank pass.")
 @click.option("--latency-queries", type=int, default=None, help="Also time N queries one at a time.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Dense query encoding precision (default: the index's).")
 @click.option("--tag", default=None, help="Run tag.")
 @CONFIG_OPTION
 def search(config_file, index_uri, **flags):
