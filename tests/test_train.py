@@ -55,6 +55,25 @@ def _kill_a_worker_after_first_checkpoint(out: str, done: dict) -> None:
         time.sleep(0.3)
 
 
+def test_the_training_stream_holds_every_pass_once(ray_cluster, sample_store, scores_uri):
+    """The steps' passes over the triples come as ONE Ray Data stream (started once per run, not per epoch):
+    every scored triple appears once per pass, with its texts attached."""
+    from collections import Counter
+
+    from raykd.formats.scores import TripleScores
+    from raykd.losses import get_loss
+    from raykd.stages.train import _dataset, check_scores
+
+    scores = TripleScores(scores_uri)
+    n = check_scores(scores)
+    cfg = _cfg(sample_store, scores_uri, "unused", "unused")
+    rows = _dataset(cfg, get_loss("margin_mse"), scores, passes=3).take_all()
+    assert len(rows) == 3 * n
+    counts = Counter((r["qid"], r["pos_pid"], r["neg_pid"]) for r in rows)
+    assert all(c % 3 == 0 for c in counts.values())  # a triple listed k times appears 3k times
+    assert all(r["query"] and r["positive"] and r["negative"] for r in rows)
+
+
 @pytest.mark.slow
 def test_two_workers_distil_to_s3_survive_a_killed_worker(ray_cluster, sample_store, scores_uri, tiny_models, s3_uri):
     cfg = _cfg(sample_store, scores_uri, tiny_models("bert", "encoder"), s3_uri)

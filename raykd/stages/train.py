@@ -5,8 +5,10 @@ Inputs: a text store (``--data``, :mod:`raykd.formats.store`) and a scores outpu
 
 Data path: the scores parts are read by Ray Data (``qid, pos_pid, neg_pid, pos_score, neg_score``), a small actor
 pool attaches the query and passage texts from the text store, and each training worker iterates its own
-shard (``get_dataset_shard``); the collate step (a background thread of the worker) tokenises with the
-student's tokenizer, so every optimizer step scores pos and neg in ONE forward pass.
+shard (``get_dataset_shard``) of ONE stream holding as many passes over the triples as the steps need (each
+pass in its own seeded file order; the pipeline starts once per run, not once per epoch); the collate step (a
+background thread of the worker) tokenises with the student's tokenizer, so every optimizer step scores pos and
+neg in ONE forward pass.
 
 The loop: AdamW, linear warm-up then linear decay to 0, gradient accumulation (DDP ``no_sync`` between
 micro-batches), bf16 autocast on GPU, gradient clipping, seeds. The step itself is the loss's
@@ -48,6 +50,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raykd import storage
 from raykd.config import field
@@ -174,12 +178,24 @@ class AttachTexts:
         return batch
 
 
-def _dataset(cfg: TrainConfig, spec, scores):
+def _read_part(batch: dict, columns: list[str]) -> pa.Table:
+    """Ray Data task: the Parquet parts of triples named in the batch's ``uri`` column, ``columns`` of them."""
+    tables = []
+    for uri in batch["uri"]:
+        fs, path = storage.filesystem(str(uri))
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables)
+
+
+def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1):
+    """The training stream: ``passes`` passes over the triples' Parquet parts, each pass in its own seeded part
+    order, as ONE Ray Data pipeline: it starts once per run (restarting it for every epoch cost ~7 s on 2 cores;
+    ``read_parquet`` lists a part once however often it is named, and a union of reads starts slower)."""
     import ray.data
 
     if scores is not None:
-        fs, _ = storage.arrow_filesystem(scores.uri)
-        paths = [storage.arrow_filesystem(u)[1] for u in scores.part_uris]
+        uris = list(scores.part_uris)
         cols = ["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"]
     else:
         from raykd.formats.store import TextStore
@@ -187,10 +203,15 @@ def _dataset(cfg: TrainConfig, spec, scores):
         store = TextStore(cfg.data)
         if not store.has_triples():
             raise UserError(f"{cfg.data}: the text store has no training triples")
-        fs, _ = storage.arrow_filesystem(store.triples_uri)
-        paths = [storage.arrow_filesystem(u)[1] for u in storage.parquet_parts(store.triples_uri)]
+        uris = list(storage.parquet_parts(store.triples_uri))
         cols = ["qid", "pos_pid", "neg_pid"]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, shuffle="files", ray_remote_args={"num_cpus": 0.25})
+    items = []
+    for p in range(max(1, passes)):
+        order = list(uris)
+        random.Random(cfg.seed + p).shuffle(order)
+        items += [{"uri": u} for u in order]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_read_part, fn_kwargs={"columns": cols}, batch_size=1, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(
         AttachTexts,
         fn_constructor_args=(cfg.data,),
@@ -338,7 +359,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from raykd.models.registry import load_scorer, load_student
 
     cfg = TrainConfig(**loop_cfg["config"])
-    total_steps, val = loop_cfg["total_steps"], loop_cfg["val"]
+    total_steps, val, n_triples = loop_cfg["total_steps"], loop_cfg["val"], loop_cfg["triples"]
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
@@ -404,13 +425,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         history.append({"event": "validation", "step": 0, "mrr@10": mrr_at_10(bare, val), "time": time.time()})
         print(f"{time.strftime('%H:%M:%S')} [raykd.train] step 0 validation MRR@10 {history[-1]['mrr@10']:.4f}", flush=True)
 
-    epoch = 0
+    restarts = 0  # the stream holds enough passes for total_steps; it restarts only if it runs out (resumes)
+    triples_seen = 0
     micro = 0
     t_last, triples_since, loss_sum, loss_n, stats_last = time.time(), 0, 0.0, 0, {}
     while step < total_steps:
         for batch in shard.iter_torch_batches(
             batch_size=cfg.batch_size, collate_fn=collate, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + 1000 * restarts + rank,
         ):
             batch["features"] = {k: v.to(device) for k, v in batch["features"].items()}
             ctx.step = step
@@ -425,6 +447,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             micro += 1
             loss_sum, loss_n, stats_last = loss_sum + float(loss.detach()), loss_n + 1, stats
             triples_since += batch["size"] * world
+            triples_seen += batch["size"] * world
             if not sync_now:
                 continue
             if cfg.clip_norm > 0:
@@ -442,7 +465,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                     torch.distributed.all_reduce(loss_t)
                     loss_t /= world
                 now = time.time()
-                metrics = {"step": step, "epoch": epoch, "loss": float(loss_t), "lr": scheduler.get_last_lr()[0],
+                metrics = {"step": step, "epoch": round(triples_seen / n_triples, 4), "loss": float(loss_t),
+                           "lr": scheduler.get_last_lr()[0],
                            "triples_per_s": triples_since / max(now - t_last, 1e-9), **stats_last}
                 t_last, triples_since, loss_sum, loss_n = now, 0, 0.0, 0
                 if do_val and rank == 0:
@@ -456,7 +480,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 report(metrics, do_ckpt)
             if step >= total_steps:
                 break
-        epoch += 1
+        restarts += 1
 
 
 class _null:
@@ -503,17 +527,23 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     if n_triples < cfg.batch_size * cfg.workers:
         raise UserError(f"train: {n_triples} triples cannot fill one batch of {cfg.batch_size} on {cfg.workers} workers")
     total_steps = cfg.steps or max(1, math.floor(cfg.epochs * n_triples / per_step))
+    # one stream long enough for every step (plus a batch per worker: the equal split may drop a few rows)
+    passes = math.ceil((total_steps * per_step + cfg.workers * cfg.batch_size) / n_triples)
     val = validation_set(cfg)
     log.info("training %s on %s triples with %s: %d steps of %d triples, %d workers, %d validation queries",
              cfg.student, f"{n_triples:,}", cfg.loss, total_steps, per_step, cfg.workers, len(val))
 
     init_ray()
+    # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost at each end of every run,
+    # which shows in short runs (propagated from the driver's environment; a value set by the user wins)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     fs, path = storage.arrow_filesystem(cfg.out)
     if not storage.is_s3(cfg.out):
         os.makedirs(path, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(cfg), "total_steps": total_steps, "val": val},
+        train_loop_config={"config": dataclasses.asdict(cfg), "total_steps": total_steps, "val": val,
+                           "triples": n_triples},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -525,7 +555,7 @@ def train(cfg: TrainConfig) -> storage.Manifest:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": storage.worker_env()},
         ),
-        datasets={"train": _dataset(cfg, spec, scores)},
+        datasets={"train": _dataset(cfg, spec, scores, passes)},
     )
     try:
         result = trainer.fit()
