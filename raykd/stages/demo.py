@@ -163,8 +163,8 @@ def demo(cfg: DemoConfig) -> dict:
                                              query_max_length=16, passage_max_length=64)), j("scores"))
 
     # 5. students (2 Ray Train workers each) as two chains side by side: ColBERT -> TCT-ColBERT (the ColBERT
-    # student is its frozen teacher), and BERT_DOT Margin-MSE -> BERT_DOT labels; 6. then an index of each
-    # dense student (several shards, merged), one after the other
+    # student is its frozen teacher), and BERT_DOT Margin-MSE -> BERT_DOT labels; 6. an index of each dense
+    # student (several shards, merged)
     students = {
         "bert_dot_margin_mse": dict(student="bert_dot", loss="margin_mse", student_options={"pooling": "mean"}),
         "bert_dot_labels": dict(student="bert_dot", loss="labels", student_options={"pooling": "mean"}),
@@ -193,14 +193,13 @@ def demo(cfg: DemoConfig) -> dict:
             data=store, encoder=_model_dir(j("students", name)), out=iout, shards=cfg.shards, merge=True,
             max_length=64, query_max_length=16)), iout)
 
-    together("students (two chains side by side)", [
-        [student_steps["colbert_margin_mse"], ("train tct_colbert", train_tct, tct_out)],
-        [student_steps["bert_dot_margin_mse"], student_steps["bert_dot_labels"]],
+    # each dense student is indexed as soon as it is trained, inside its chain, so index actors overlap the
+    # other chain's training instead of running after both
+    together("students and their indexes (two chains side by side)", [
+        [student_steps["colbert_margin_mse"], ("train tct_colbert", train_tct, tct_out), index_step("tct_colbert")],
+        [student_steps["bert_dot_margin_mse"], index_step("bert_dot_margin_mse"), student_steps["bert_dot_labels"],
+         index_step("bert_dot_labels")],
     ])
-    t0 = time.time()
-    for name in dense:
-        timed(*index_step(name))
-    timings["indexes"] = round(time.time() - t0, 1)
     colbert = _model_dir(colbert_out)
 
     # 7. search the dev queries
