@@ -332,8 +332,10 @@ def evaluate(config_file, run_, metrics_, as_json, **flags):
 @click.option("--teacher-steps", type=int, default=None, help="Steps fine-tuning each teacher on the labels.")
 @click.option("--student-steps", type=int, default=None, help="Steps per student.")
 @click.option("--shards", type=int, default=None, help="Index shards (default 3, also merged).")
+@click.option("--side-by-side", type=click.Choice(["auto", "yes", "no"]), default=None,
+              help="Run independent training chains side by side (auto: when there is a core for every worker).")
 @CONFIG_OPTION
-def demo(out, seed, workers, teacher_steps, student_steps, shards, config_file):
+def demo(out, seed, workers, teacher_steps, student_steps, shards, side_by_side, config_file):
     """Run the whole pipeline on the embedded sample and print the results table.
 
     sample -> prepare -> fine-tune two teachers -> score (ensemble) -> train students (Margin-MSE, labels-only
@@ -343,7 +345,7 @@ def demo(out, seed, workers, teacher_steps, student_steps, shards, config_file):
     from raykd.stages.demo import demo as run
 
     cfg = config.build(DemoConfig, config_file, out=out, seed=seed, workers=workers, teacher_steps=teacher_steps,
-                       student_steps=student_steps, shards=shards)
+                       student_steps=student_steps, shards=shards, side_by_side=side_by_side)
     summary = run_stage(run, cfg)
     click.echo(summary["markdown"])
     click.echo(f"report: {cfg.out.rstrip('/')}/report (report.md, metrics.json, efficiency.png, demo.json)")

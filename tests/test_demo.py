@@ -55,3 +55,17 @@ def test_demo_to_s3_end_to_end_and_resumes(ray_cluster, s3_uri, tmp_path):
     assert again["mrr10"] == pytest.approx(summary["mrr10"])
     for sub, data in before.items():
         assert storage.read_bytes(storage.join(s3_uri, sub, storage.MANIFEST)) == data, sub
+
+
+def test_training_chains_share_the_machine_only_when_it_has_a_core_per_worker(monkeypatch):
+    from raykd.stages.demo import _side_by_side
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert _side_by_side(DemoConfig(workers=2)) is False  # 2 cores: one run after the other (measured faster)
+    assert _side_by_side(DemoConfig(workers=1)) is True
+    assert _side_by_side(DemoConfig(workers=2, side_by_side="yes")) is True
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert _side_by_side(DemoConfig(workers=2)) is True
+    assert _side_by_side(DemoConfig(workers=2, side_by_side="no")) is False
+    with pytest.raises(ValueError, match="side_by_side must be yes, no or auto, got 'sometimes'"):
+        _side_by_side(DemoConfig(side_by_side="sometimes"))

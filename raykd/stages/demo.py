@@ -50,6 +50,8 @@ class DemoConfig:
     shards: int = field(3, help="Index shards (merged into one index as well).")
     k: int = field(100, help="Results per query; BM25 candidates per query for re-ranking.")
     local_cache: str | None = field(None, help="Local folder for the tiny initial models (default: out, or ~/.cache/raykd).")
+    side_by_side: str = field("auto", help="Run the independent training chains side by side: yes, no, or auto "
+                                           "(yes when the machine has a core for every worker of both).")
 
 
 def _step(name: str, out: str, fn, *, done=None):
@@ -92,10 +94,12 @@ def demo(cfg: DemoConfig) -> dict:
         _step(name, outdir, fn, **kw)
         timings[name] = round(time.time() - t0, 1)
 
+    parallel = _side_by_side(cfg)
+    log.info("independent training chains run %s", "side by side" if parallel else "one after the other")
+
     def together(label: str, chains: list[list[tuple[str, object, str]]]) -> None:
-        """Two independent chains of steps side by side on the one Ray cluster, each chain in order: their
-        fixed start-up costs overlap and their actors share the CPUs. (Measured on 2 cores: a third training
-        run side by side slows all three to a crawl, 2-worker DDP steps waiting on descheduled peers.)"""
+        """Independent chains of steps, each in order: side by side on the one Ray cluster when the machine
+        has the cores for it, else one chain after the other (see ``_side_by_side``)."""
         assert len(chains) <= 2
         t0 = time.time()
 
@@ -103,9 +107,13 @@ def demo(cfg: DemoConfig) -> dict:
             for name, fn, outdir in chain:
                 timed(name, fn, outdir)
 
-        with ThreadPoolExecutor(max_workers=len(chains)) as pool:
-            for f in [pool.submit(run_chain, c) for c in chains]:
-                f.result()
+        if not parallel:
+            for c in chains:
+                run_chain(c)
+        else:
+            with ThreadPoolExecutor(max_workers=len(chains)) as pool:
+                for f in [pool.submit(run_chain, c) for c in chains]:
+                    f.result()
         timings[label] = round(time.time() - t0, 1)
 
     # 1. sample and text store
@@ -144,7 +152,7 @@ def demo(cfg: DemoConfig) -> dict:
                   query_max_length=16, passage_max_length=64, val_queries=cfg.dev_queries, log_every=25,
                   checkpoint_every=max(cfg.student_steps, cfg.teacher_steps))
 
-    # 3. teachers: BERT_CAT cross-encoders fine-tuned on the labels, the two runs side by side. (One worker
+    # 3. teachers: BERT_CAT cross-encoders fine-tuned on the labels, two independent runs. (One worker
     # each with the whole batch was no faster on 2 cores, and the wide teacher then stayed near chance for 300
     # steps and ended at validation MRR@10 0.17 instead of 0.42-0.49.)
     steps = []
@@ -153,7 +161,7 @@ def demo(cfg: DemoConfig) -> dict:
         tcfg = TrainConfig(student="bert_cat", init=inits[name], loss="labels", out=tout, steps=cfg.teacher_steps,
                            lr=cfg.teacher_lr, warmup_steps=50, **common)
         steps.append([(f"train {name}", lambda tcfg=tcfg: train(tcfg), tout)])
-    together("teachers (side by side)", steps)
+    together("teachers", steps)
     # their model folders by URI (S3 ones are fetched into the local model cache where they load); the
     # ensemble's score columns are named after the runs: teacher_bert_wide, teacher_bert_narrow
     teachers = [j("teachers", name, "model") for name in ("teacher_bert_wide", "teacher_bert_narrow")]
@@ -162,7 +170,7 @@ def demo(cfg: DemoConfig) -> dict:
     timed("score", lambda: score(ScoreConfig(data=store, teachers=teachers, out=j("scores"),
                                              query_max_length=16, passage_max_length=64)), j("scores"))
 
-    # 5. students (2 Ray Train workers each) as two chains side by side: ColBERT -> TCT-ColBERT (the ColBERT
+    # 5. students (2 Ray Train workers each) as two independent chains: ColBERT -> TCT-ColBERT (the ColBERT
     # student is its frozen teacher), and BERT_DOT Margin-MSE -> BERT_DOT labels; 6. an index of each dense
     # student (several shards, merged)
     students = {
@@ -193,9 +201,9 @@ def demo(cfg: DemoConfig) -> dict:
             data=store, encoder=_model_dir(j("students", name)), out=iout, shards=cfg.shards, merge=True,
             max_length=64, query_max_length=16)), iout)
 
-    # each dense student is indexed as soon as it is trained, inside its chain, so index actors overlap the
-    # other chain's training instead of running after both
-    together("students and their indexes (two chains side by side)", [
+    # each dense student is indexed as soon as it is trained, inside its chain (side by side, its index
+    # actors overlap the other chain's training)
+    together("students and their indexes (two chains)", [
         [student_steps["colbert_margin_mse"], ("train tct_colbert", train_tct, tct_out), index_step("tct_colbert")],
         [student_steps["bert_dot_margin_mse"], index_step("bert_dot_margin_mse"), student_steps["bert_dot_labels"],
          index_step("bert_dot_labels")],
@@ -227,6 +235,21 @@ def demo(cfg: DemoConfig) -> dict:
     storage.write_bytes_atomic(j("report", "demo.json"), json.dumps(summary, indent=2).encode())
     storage.write_bytes_atomic(j("report", "demo.md"), summary["markdown"].encode())
     return summary
+
+
+def _side_by_side(cfg: DemoConfig) -> bool:
+    """Whether two training runs should share the machine. Side by side their start-up costs overlap, but
+    2-worker DDP on oversubscribed cores waits on descheduled peers at every all-reduce: on 2 cores, two runs
+    side by side took longer than the same runs one after the other (the demo: 372 s against 289 s,
+    docs/demo.md)."""
+    choice = str(cfg.side_by_side).lower()
+    if choice in ("yes", "true", "1"):
+        return True
+    if choice in ("no", "false", "0"):
+        return False
+    if choice != "auto":
+        raise ValueError(f"demo: side_by_side must be yes, no or auto, got {cfg.side_by_side!r}")
+    return (os.cpu_count() or 1) >= 2 * cfg.workers
 
 
 def _mrr(results: dict, name: str) -> float:
