@@ -35,6 +35,12 @@ def test_demo_to_s3_end_to_end_and_resumes(ray_cluster, s3_uri, tmp_path):
     assert stored["mrr10"]["bm25"] > 20 * stored["random_mrr10"]
     md = storage.read_bytes(storage.join(s3_uri, "report", "demo.md")).decode()
     assert "no distillation" in md and "Random ranking" in md
+    # the comparison with the baseline is a paired test over the dev queries, and the teachers' quality is shown
+    assert "paired randomisation test over 20 dev queries" in md, md
+    assert 0.0 < stored["distillation_p_value"] <= 1.0
+    assert stored["distillation_verdict"] in {"no significant difference", "significantly better", "significantly worse"}
+    assert set(stored["teachers_val_mrr10"]) == {"teacher_bert_wide", "teacher_bert_narrow"}
+    assert "Teachers' validation MRR@10" in md
     assert summary["distillation_gain_mrr10"] == pytest.approx(
         stored["mrr10"]["dense bert_dot_margin_mse"] - stored["mrr10"]["dense bert_dot_labels"])
 

@@ -95,3 +95,29 @@ def test_run_with_no_judged_query_and_unknown_measure_are_errors():
         metrics.evaluate({"7": {"a": 1.0}}, {"1": {"a": 1}}, ["AP"])
     with pytest.raises(UserError, match="unknown measure 'nDGC@10'"):
         metrics.evaluate({"1": {"a": 1.0}}, {"1": {"a": 1}}, ["nDGC@10"])
+
+
+def test_paired_randomization_test_matches_scipy_exactly_and_by_monte_carlo():
+    import numpy as np
+    from scipy import stats
+
+    from raykd.metrics import paired_randomization_test
+
+    rng = np.random.default_rng(1)
+    x, y = rng.random(12), rng.random(12) * 0.7
+    a = {f"q{i}": float(v) for i, v in enumerate(x)}
+    b = {f"q{i}": float(v) for i, v in enumerate(y)}
+    ref = stats.permutation_test((x, y), lambda u, v: np.mean(u - v), permutation_type="samples",
+                                 n_resamples=10**6).pvalue  # exact: 2^12 sign assignments
+    exact = paired_randomization_test(a, b)
+    assert exact["exact"] and exact["queries"] == 12
+    assert exact["p_value"] == pytest.approx(ref, abs=1e-12)
+    assert exact["diff"] == pytest.approx(float(np.mean(x - y)))
+    mc = paired_randomization_test(a, b, trials=2000, seed=3)
+    assert not mc["exact"] and mc["p_value"] == pytest.approx(ref, abs=0.015)
+    # identical runs: nothing to see; a query one run lacks counts as 0 there
+    assert paired_randomization_test(a, dict(a))["p_value"] == 1.0
+    missing = paired_randomization_test({"q1": 1.0}, {"q1": 1.0, "q2": 1.0})
+    assert missing["queries"] == 2 and missing["diff"] == -0.5
+    with pytest.raises(UserError, match="no queries"):
+        paired_randomization_test({}, {})

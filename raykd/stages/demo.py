@@ -231,7 +231,9 @@ def demo(cfg: DemoConfig) -> dict:
     names = list(runs)
     results = evaluate(EvaluateConfig(run=[runs[n] for n in names], names=names, data=store, split="dev",
                                       metrics=list(MEASURES), out=j("report")))
-    summary = _summary(results, cfg, timings, time.time() - t_start)
+    teacher_val = {name: storage.read_manifest(j("teachers", name), stage="train")["stats"].get("val_mrr@10_final")
+                   for name in ("teacher_bert_wide", "teacher_bert_narrow")}
+    summary = _summary(results, cfg, timings, time.time() - t_start, teacher_val)
     storage.write_bytes_atomic(j("report", "demo.json"), json.dumps(summary, indent=2).encode())
     storage.write_bytes_atomic(j("report", "demo.md"), summary["markdown"].encode())
     return summary
@@ -256,24 +258,47 @@ def _mrr(results: dict, name: str) -> float:
     return float(results[name]["mean"]["MRR@10"])
 
 
-def _summary(results: dict, cfg: DemoConfig, timings: dict, total_s: float) -> dict:
-    """The demo's conclusion: the table, and how distillation compares with no distillation and with random."""
+def _summary(results: dict, cfg: DemoConfig, timings: dict, total_s: float,
+             teacher_val: dict[str, float | None] | None = None) -> dict:
+    """The demo's conclusion: the table, and how distillation compares with no distillation (a paired
+    randomisation test over the dev queries, so that noise is not called a gain) and with random."""
     from raykd import report
+    from raykd.metrics import paired_randomization_test
 
     measures = list(MEASURES)
     table = report.markdown(results, measures)
     # one relevant passage per dev query, ranked uniformly at random among the corpus
     random_rr10 = sum(1 / r for r in range(1, 11)) / cfg.passages
-    kd = _mrr(results, "dense bert_dot_margin_mse")
-    base = _mrr(results, "dense bert_dot_labels")
-    tct = _mrr(results, "dense tct_colbert")
+    kd_name, base_name = "dense bert_dot_margin_mse", "dense bert_dot_labels"
+    kd, base, tct = _mrr(results, kd_name), _mrr(results, base_name), _mrr(results, "dense tct_colbert")
+    per_query = {n: {q: v["MRR@10"] for q, v in results[n]["per_query"].items()} for n in (kd_name, base_name)}
+    test = paired_randomization_test(per_query[kd_name], per_query[base_name], seed=cfg.seed)
+    if test["p_value"] >= 0.05:
+        verdict = "no significant difference"
+    else:
+        verdict = "significantly better" if kd > base else "significantly worse"
+    # chance for the teachers' validation: the positive among 1 + val_negatives random passages
+    from raykd.stages.train import TrainConfig
+
+    candidates = TrainConfig().val_negatives + 1
+    val_chance = sum(1 / r for r in range(1, 11)) / candidates
+    teacher_line = ""
+    if teacher_val:
+        shown = ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} (not validated)" for n, v in teacher_val.items())
+        weak = [n for n, v in teacher_val.items() if v is not None and v < 2 * val_chance]
+        teacher_line = (f"Teachers' validation MRR@10 (dev positive among {candidates} random passages, "
+                        f"chance {val_chance:.3f}): "
+                        f"{shown}." + (f" Weak teacher(s), under twice chance: {', '.join(weak)}; the ensemble "
+                                       f"carries less signal in this run." if weak else ""))
     lines = [
         table,
         "",
         f"Random ranking: expected MRR@10 {random_rr10:.4f}.",
         f"BERT_DOT distilled with Margin-MSE: MRR@10 {kd:.4f} vs {base:.4f} for the same student trained on "
-        f"labels alone (no distillation): {kd - base:+.4f} ({'better' if kd > base else 'not better'}).",
+        f"labels alone (no distillation): {kd - base:+.4f}, {verdict} (paired randomisation test over "
+        f"{test['queries']} dev queries, p = {test['p_value']:.3f}).",
         f"TCT-ColBERT student (in-batch KL from the frozen ColBERT): MRR@10 {tct:.4f}.",
+        *([teacher_line] if teacher_line else []),
         f"Total time {total_s:.0f} s.",
     ]
     return {
@@ -281,6 +306,9 @@ def _summary(results: dict, cfg: DemoConfig, timings: dict, total_s: float) -> d
         "mrr10": {n: _mrr(results, n) for n in results},
         "random_mrr10": random_rr10,
         "distillation_gain_mrr10": kd - base,
+        "distillation_p_value": test["p_value"],
+        "distillation_verdict": verdict,
+        "teachers_val_mrr10": teacher_val or {},
         "timings_s": timings,
         "total_s": round(total_s, 1),
     }
