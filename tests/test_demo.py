@@ -22,7 +22,7 @@ RUNS = {"bm25", "dense bert_dot_margin_mse", "dense bert_dot_labels", "dense tct
 def test_demo_to_s3_end_to_end_and_resumes(ray_cluster, s3_uri, tmp_path):
     cfg = DemoConfig(out=s3_uri, train_queries=60, dev_queries=20, passages=600, negatives=5, workers=2,
                      teacher_steps=16, student_steps=8, batch_size=8, hidden=32, shards=2, k=20,
-                     local_cache=str(tmp_path / "init"))
+                     local_cache=str(tmp_path / "init"), teacher_min_val=1.01)  # over any MRR: every teacher retries
     summary = demo(cfg)
 
     # the report landed in object storage, with every run evaluated
@@ -41,6 +41,22 @@ def test_demo_to_s3_end_to_end_and_resumes(ray_cluster, s3_uri, tmp_path):
     assert stored["distillation_verdict"] in {"no significant difference", "significantly better", "significantly worse"}
     assert set(stored["teachers_val_mrr10"]) == {"teacher_bert_wide", "teacher_bert_narrow"}
     assert "Teachers' validation MRR@10" in md
+    # a teacher under the bar is trained once more from a fresh initialisation; the better run scores the triples
+    scored = []
+    for name, runs in stored["teacher_runs"].items():
+        assert [r["out"] for r in runs] == [storage.join(s3_uri, "teachers", name),
+                                            storage.join(s3_uri, "teachers", "retry1", name)]
+        assert runs[0]["init"] != runs[1]["init"]
+        assert all(storage.has_manifest(r["out"]) for r in runs)
+        best = max(runs, key=lambda r: r["val_mrr10"])
+        assert [r["scored"] for r in runs] == [r is best for r in runs]
+        assert stored["teachers_val_mrr10"][name] == best["val_mrr10"]
+        scored.append(storage.join(best["out"], "model"))
+    assert "the best of 2 runs" in md and "Weak teacher(s), under 1.010" in md, md
+    score_manifest = storage.read_manifest(storage.join(s3_uri, "scores"), stage="score")
+    assert score_manifest["stats"]["teacher_paths"] == scored
+    # the ensemble's columns keep the teachers' names whichever run scored
+    assert score_manifest["stats"]["teachers"] == ["teacher_bert_wide", "teacher_bert_narrow"]
     assert summary["distillation_gain_mrr10"] == pytest.approx(
         stored["mrr10"]["dense bert_dot_margin_mse"] - stored["mrr10"]["dense bert_dot_labels"])
 
@@ -49,8 +65,7 @@ def test_demo_to_s3_end_to_end_and_resumes(ray_cluster, s3_uri, tmp_path):
                 "students/bert_dot_margin_mse", "students/bert_dot_labels", "students/colbert_margin_mse",
                 "students/tct_colbert", "index/bert_dot_margin_mse", "runs/bm25"):
         assert storage.has_manifest(storage.join(s3_uri, sub)), sub
-    scores = storage.read_manifest(storage.join(s3_uri, "scores"), stage="score")
-    counts = scores["counts"]  # every training triple scored once (repeated triples counted, not lost)
+    counts = score_manifest["counts"]  # every training triple scored once (repeated triples counted, not lost)
     assert counts["triples_in"] == 60 * 5 and counts["triples"] + counts["duplicate_triples"] == 60 * 5, counts
 
     # a re-run with the same --out resumes: every finished stage is skipped, its manifest untouched
