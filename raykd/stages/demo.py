@@ -160,28 +160,23 @@ def demo(cfg: DemoConfig) -> dict:
     # steps and ended at validation MRR@10 0.17 instead of 0.42-0.49.) A run from scratch sometimes sits at chance
     # for most of its steps (the same recipe ended at 0.157 once and 0.37-0.66 otherwise): a teacher that ends
     # under twice chance is trained again from a fresh initialisation, the best run scores, and the report says so.
-    min_val = cfg.teacher_min_val if cfg.teacher_min_val is not None else 2 * _val_chance()
+    min_val = _min_val(cfg)
     teacher_runs: dict[str, list[dict]] = {}
 
     def teacher_chain(name: str) -> list:
-        def init_of(attempt: int) -> str:
-            return inits[name] if attempt == 0 else _tiny(cache, name, shapes[name], seed=cfg.seed + 1000 * attempt)
-
-        def train_teacher(attempt: int, tout: str) -> None:
-            # the same seed (data order, validation candidates) on every attempt: only the initialisation differs,
-            # so that the runs' validation figures compare
-            train(TrainConfig(student="bert_cat", init=init_of(attempt), loss="labels", out=tout,
-                              steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup_steps=50, **common))
-
         def run_teacher() -> None:
             runs = teacher_runs.setdefault(name, [])
             for attempt in range(1 + max(0, cfg.teacher_retries)):
                 # a retry's folder keeps the run's name last: the ensemble's score column is named after it
                 tout = j("teachers", name) if attempt == 0 else j("teachers", f"retry{attempt}", name)
-                timed(f"train {name}" + (f" (retry {attempt})" if attempt else ""),
-                      lambda a=attempt, o=tout: train_teacher(a, o), tout)
+                init = inits[name] if attempt == 0 else _tiny(cache, name, shapes[name], seed=cfg.seed + 1000 * attempt)
+                # the same seed (data order, validation candidates) on every attempt: only the initialisation
+                # differs, so that the runs' validation figures compare
+                tcfg = TrainConfig(student="bert_cat", init=init, loss="labels", out=tout, steps=cfg.teacher_steps,
+                                   lr=cfg.teacher_lr, warmup_steps=50, **common)
+                timed(f"train {name}" + (f" (retry {attempt})" if attempt else ""), lambda c=tcfg: train(c), tout)
                 val = storage.read_manifest(tout, stage="train")["stats"].get("val_mrr@10_final")
-                runs.append({"out": tout, "init": os.path.basename(init_of(attempt)), "val_mrr10": val})
+                runs.append({"out": tout, "init": os.path.basename(init), "val_mrr10": val})
                 if val is None or val >= min_val:
                     break
                 if attempt < cfg.teacher_retries:
@@ -264,7 +259,7 @@ def demo(cfg: DemoConfig) -> dict:
     names = list(runs)
     results = evaluate(EvaluateConfig(run=[runs[n] for n in names], names=names, data=store, split="dev",
                                       metrics=list(MEASURES), out=j("report")))
-    summary = _summary(results, cfg, timings, time.time() - t_start, teacher_runs, min_val)
+    summary = _summary(results, cfg, timings, time.time() - t_start, teacher_runs)
     storage.write_bytes_atomic(j("report", "demo.json"), json.dumps(summary, indent=2).encode())
     storage.write_bytes_atomic(j("report", "demo.md"), summary["markdown"].encode())
     return summary
@@ -282,12 +277,21 @@ def _tiny(cache: str, name: str, shape: tuple, seed: int) -> str:
     return path
 
 
-def _val_chance() -> float:
-    """Expected MRR@10 of a random ranking in training's validation: the positive among 1 + val_negatives
-    random passages."""
+def _random_mrr10(candidates: int) -> float:
+    """Expected MRR@10 of a random ranking of ``candidates`` passages, one of them relevant."""
+    return sum(1 / r for r in range(1, 11)) / candidates
+
+
+def _val_candidates() -> int:
+    """Candidates per query in training's validation: the positive among ``val_negatives`` random passages."""
     from raykd.stages.train import TrainConfig
 
-    return sum(1 / r for r in range(1, 11)) / (TrainConfig().val_negatives + 1)
+    return TrainConfig().val_negatives + 1
+
+
+def _min_val(cfg: DemoConfig) -> float:
+    """The validation MRR@10 a teacher must reach: ``teacher_min_val``, by default twice chance."""
+    return cfg.teacher_min_val if cfg.teacher_min_val is not None else 2 * _random_mrr10(_val_candidates())
 
 
 def _side_by_side(cfg: DemoConfig) -> bool:
@@ -315,17 +319,17 @@ def _mrr(results: dict, name: str) -> float:
 
 
 def _summary(results: dict, cfg: DemoConfig, timings: dict, total_s: float,
-             teacher_runs: dict[str, list[dict]] | None = None, min_val: float | None = None) -> dict:
+             teacher_runs: dict[str, list[dict]] | None = None) -> dict:
     """The demo's conclusion: the table, and how distillation compares with no distillation (a paired
     randomisation test over the dev queries, so that noise is not called a gain) and with random.
-    ``teacher_runs``: per teacher, its training runs in order ({out, init, val_mrr10, scored}); ``min_val``: the validation a teacher had to reach (default twice chance)."""
+    ``teacher_runs``: per teacher, its training runs in order ({out, init, val_mrr10, scored})."""
     from raykd import report
     from raykd.metrics import paired_randomization_test
 
     measures = list(MEASURES)
     table = report.markdown(results, measures)
     # one relevant passage per dev query, ranked uniformly at random among the corpus
-    random_rr10 = sum(1 / r for r in range(1, 11)) / cfg.passages
+    random_rr10 = _random_mrr10(cfg.passages)
     kd_name, base_name = "dense bert_dot_margin_mse", "dense bert_dot_labels"
     kd, base, tct = _mrr(results, kd_name), _mrr(results, base_name), _mrr(results, "dense tct_colbert")
     per_query = {n: {q: v["MRR@10"] for q, v in results[n]["per_query"].items()} for n in (kd_name, base_name)}
@@ -334,16 +338,14 @@ def _summary(results: dict, cfg: DemoConfig, timings: dict, total_s: float,
         verdict = "no significant difference"
     else:
         verdict = "significantly better" if kd > base else "significantly worse"
-    from raykd.stages.train import TrainConfig
-
-    candidates, val_chance = TrainConfig().val_negatives + 1, _val_chance()
-    min_val = 2 * val_chance if min_val is None else min_val
+    candidates = _val_candidates()
+    val_chance, min_val = _random_mrr10(candidates), _min_val(cfg)
     teacher_runs = teacher_runs or {}
     teacher_val = {n: _scored(runs)["val_mrr10"] for n, runs in teacher_runs.items()}
     teacher_line = ""
     if teacher_runs:
         def shown(n, runs):
-            v = _scored(runs)["val_mrr10"]
+            v = teacher_val[n]
             text = f"{n} {v:.3f}" if v is not None else f"{n} (not validated)"
             if len(runs) > 1:
                 vals = ", ".join(f"{r['val_mrr10']:.3f}" for r in runs)
