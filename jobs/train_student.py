@@ -4,8 +4,8 @@
         --student bert_dot|bert_cat|colbert|prettr|tk --init NAME_OR_PATH --loss margin_mse|mse|ranknet|labels|tct \
         --out URI [--workers N --use-gpu --batch-size B --steps S --lr LR --checkpoint-every N ...]
 
-The flags are those of `raykd train` (see `raykd train --help` and docs/train.md). Submitting the same command
-again after the driver died resumes from the latest checkpoint under OUT.
+The flags are TrainConfig's fields, generated as for `raykd train` (see `--help`, docs/cli.md and
+docs/train.md). Submitting the same command again after the driver died resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 # a Ray job's working dir is not on sys.path for `python jobs/...`; make `raykd` importable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raykd.cli import train as train_command  # noqa: E402
+from raykd.cli import train as command  # noqa: E402
 
 if __name__ == "__main__":
-    train_command.main(args=sys.argv[1:], prog_name="train_student.py")
+    command.main(args=sys.argv[1:], prog_name="train_student.py")

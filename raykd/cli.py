@@ -1,321 +1,153 @@
-"""The ``raykd`` command line: thin drivers. Each command parses its flags, builds the stage's config
-(defaults < ``--config FILE`` < flags given) and calls the stage function. No logic lives here."""
+"""The ``raykd`` command line, generated from the stage configs: thin drivers.
+
+Each command's options are its stage config's fields (``raykd.config.options``); a command builds the config
+(dataclass defaults < ``--config FILE`` < flags given), calls the stage and prints its summary. No logic
+lives here. docs/cli.md says how a field becomes a flag.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from raykd import __version__, config
 
-CONFIG_OPTION = click.option(
-    "--config", "config_file", type=click.Path(), default=None, help="YAML file of options; flags override it."
-)
+JSON_OPTION = click.Option(["--json", "as_json"], is_flag=True,
+                           help="Print machine-readable results (with per-query values).")
+
+
+def config_option() -> click.Option:
+    return click.Option(["--config", "config_file"], type=click.Path(), default=None,
+                        help="YAML file of options (flat, or this command's section); flags given override it.")
 
 
 def _fail(e: Exception) -> None:
     raise click.ClickException(f"{type(e).__name__}: {e}") from e
 
 
-def run_stage(fn, cfg):
+def run_stage(fn: Callable, *args, **kwargs):
     """Call a stage; turn expected user errors into a clean one-line CLI error (exit code 1)."""
     from raykd.errors import UserError
 
     try:
-        return fn(cfg)
+        return fn(*args, **kwargs)
     except (UserError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         _fail(e)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _load(ref: str | Callable) -> Any:
+    """``"module:name"`` -> that object (imported on first use: a stage module can take seconds to import)."""
+    if not isinstance(ref, str):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class ConfigCommand(click.Command):
+    """A command made from (config class, stage function, summary printer).
+
+    Its options are the config's fields, generated when the command is first parsed or helped, so that
+    ``raykd --help`` imports no stage. ``extra_params`` are options that are not config fields; the ones named
+    in ``stage_params`` (``config_file`` among them, if wanted) go to the stage as keyword arguments, and all of
+    them go to the summary printer: ``summary(cfg, result, **extras)``."""
+
+    def __init__(self, name: str, *, config_class: str | type, stage: str | Callable, summary: Callable,
+                 extra_params: list[click.Parameter] | None = None, stage_params: tuple[str, ...] = (), **kw):
+        super().__init__(name, callback=self._run, params=list(extra_params or []), **kw)
+        self._config_class, self._stage, self.summary = config_class, stage, summary
+        self.stage_params = stage_params
+        self._generated = False
+
+    @property
+    def config_class(self) -> type:
+        return _load(self._config_class)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._generated:
+            self._generated = True
+            self.params[:0] = config.options(self.config_class)
+            self.params.append(config_option())
+        return super().get_params(ctx)
+
+    def build(self, config_file: str | None, params: dict) -> Any:
+        """The config from the dataclass defaults, ``config_file`` and the parsed ``params`` given."""
+        return config.build(self.config_class, config_file, **config.flags_of(self.config_class, params))
+
+    def _run(self, config_file: str | None = None, **params: Any) -> None:
+        cfg = run_stage(self.build, config_file, params)
+        fields = config.flags_of(self.config_class, params)
+        extras = {k: v for k, v in params.items() if k not in fields}
+        stage_kw = {k: v for k, v in {**extras, "config_file": config_file}.items() if k in self.stage_params}
+        result = run_stage(_load(self._stage), cfg, **stage_kw)
+        self.summary(cfg, result, **extras)
+
+
+def _echo_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="raykd")
-def main() -> None:
-    """raykd: cross-architecture knowledge distillation for neural passage ranking, on Ray."""
+@click.option("-v", "--verbose", is_flag=True, help="Debug-level logs (sets RAYKD_VERBOSE=1 for Ray workers too).")
+def main(verbose: bool) -> None:
+    """raykd: cross-architecture knowledge distillation for neural passage ranking, on Ray.
+
+    Every command's options come from its stage config (see docs/cli.md); precedence: flag given >
+    --config FILE > default."""
+    if verbose:
+        os.environ["RAYKD_VERBOSE"] = "1"
+        from raykd import log
+
+        configure = getattr(log, "configure", None)
+        if configure is not None:
+            configure(verbose=True)
 
 
-# ------------------------------------------------------------------------------------------------ sample
-@main.command()
-@click.option("--out", required=True, help="Where to write the raw files (local path or s3:// URI).")
-@click.option("--seed", type=int, default=None, help="Random seed (default 13).")
-@click.option("--train-queries", type=int, default=None, help="Number of training queries (default 200).")
-@click.option("--dev-queries", type=int, default=None, help="Number of dev queries with qrels (default 100).")
-@click.option("--passages", type=int, default=None, help="Number of passages (default 4000).")
-@click.option("--negatives", type=int, default=None, help="Negatives per training query in the triples (default 100).")
-@click.option("--text-triples/--no-text-triples", default=None, help="Also write text triples (triples.train.small.tsv).")
-@CONFIG_OPTION
-def sample(out, seed, train_queries, dev_queries, passages, negatives, text_triples, config_file):
-    """Write the embedded MS MARCO-shaped sample (collection, queries, qrels, id triples) as raw tsv files."""
-    from raykd.sample import SampleSpec, write_sample
-
-    spec = config.build(
-        SampleSpec,
-        config_file,
-        seed=seed,
-        train_queries=train_queries,
-        dev_queries=dev_queries,
-        passages=passages,
-        negatives=negatives,
-        text_triples=text_triples,
-    )
-    counts = write_sample(out, spec)
-    click.echo(json.dumps({"out": out, "files": counts}, indent=2))
-
-
-# ------------------------------------------------------------------------------------------------ prepare
-@main.command()
-@click.option("--msmarco", default=None, help="Folder with MS MARCO's official file names (collection.tsv, ...).")
-@click.option("--beir", default=None, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
-@click.option("--out", default=None, help="Output URI of the text store (local path or s3://).")
-@click.option(
-    "--queries",
-    "extra_queries",
-    multiple=True,
-    help="Extra query split as SPLIT=FILE (tsv qid<TAB>text, e.g. dl19=topics.dl19-passage.txt). Repeatable.",
-)
-@click.option(
-    "--qrels",
-    "extra_qrels",
-    multiple=True,
-    help="Extra qrels as SPLIT=FILE (TREC 4-column or tsv). Repeatable.",
-)
-@click.option("--triples", default=None, help="A triples file to use instead of the folder's (id or text triples).")
-@click.option("--part-rows", type=int, default=None, help="Rows per Parquet part of the corpus and triples.")
-@click.option("--lenient/--strict", default=None, help="Lenient: quarantine bad rows (counted in the manifest) instead of failing.")
-@CONFIG_OPTION
-def prepare(msmarco, beir, out, extra_queries, extra_qrels, triples, part_rows, lenient, config_file):
-    """Turn raw inputs (MS MARCO tsv or a BEIR folder) into the text store: Parquet keyed by integer ids."""
-    from raykd.stages.prepare import PrepareConfig
-    from raykd.stages.prepare import prepare as run
-
-    cfg = config.build(
-        PrepareConfig,
-        config_file,
-        msmarco=msmarco,
-        beir=beir,
-        out=out,
-        extra_queries=extra_queries,
-        extra_qrels=extra_qrels,
-        triples=triples,
-        part_rows=part_rows,
-        lenient=lenient,
-    )
-    manifest = run_stage(run, cfg)
-    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts}, indent=2))
-
-
-def _not_yet(name: str):
-    def cmd(**_kw):
-        raise click.ClickException(f"`raykd {name}` is not available yet in this version")
-
+def command(name: str, **kw) -> ConfigCommand:
+    """Add a ``ConfigCommand`` to ``main``."""
+    cmd = ConfigCommand(name, **kw)
+    main.add_command(cmd)
     return cmd
 
 
-# ------------------------------------------------------------------------------------------------ score
-@main.command()
-@click.option("--data", default=None, help="Text store URI (the output of `raykd prepare`), with triples.")
-@click.option("--teacher", "teachers", multiple=True, help="Teacher cross-encoder (hub name or path). Repeatable.")
-@click.option("--out", default=None, help="Output URI of the scores (local path or s3://).")
-@click.option("--weight", "weights", multiple=True, type=float, help="Ensemble weight per --teacher, in order (default: mean).")
-@click.option("--query-max-length", type=int, default=None, help="Query tokens per pair (default 30).")
-@click.option("--passage-max-length", type=int, default=None, help="Passage tokens per pair (default 200).")
-@click.option("--split", default=None, help="Query split the triples' qids belong to (default train).")
-@click.option("--batch-size", type=int, default=None, help="Pairs per forward pass (default 64).")
-@click.option("--bucket-pairs", type=int, default=None, help="Pairs per Ray Data block, sorted by length (default 2048).")
-@click.option("--rows-per-part", type=int, default=None, help="Target triples per output part (default 100000).")
-@click.option("--parts-per-round", type=int, default=None, help="Output parts per Ray Data round (default 16).")
-@click.option("--min-actors", type=int, default=None, help="Minimum actors per teacher pool (default 1).")
-@click.option("--max-actors", type=int, default=None, help="Maximum actors per teacher pool (default 2).")
-@click.option("--gpus-per-actor", type=float, default=None, help="GPUs per scoring actor (default 0; 1 on GPU clusters).")
-@click.option("--cpus-per-actor", type=float, default=None, help="CPUs per scoring actor (default 0.5).")
-@click.option("--torch-threads", type=int, default=None, help="torch threads per CPU scoring actor (default 1).")
-@click.option("--lenient/--strict", default=None, help="Lenient: quarantine bad rows (counted in the manifest) instead of failing.")
-@CONFIG_OPTION
-def score(config_file, **flags):
-    """Score training triples with a teacher ensemble (Ray Data actor pools, exactly once, resumable)."""
-    from raykd.stages.score import ScoreConfig
-    from raykd.stages.score import score as run
-
-    cfg = config.build(ScoreConfig, config_file, **flags)
-    manifest = run_stage(run, cfg)
-    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts,
-                           "forward_passes": manifest.stats["forward_passes_total"],
-                           "naive_forward_passes": manifest.stats["naive_forward_passes"],
-                           "padded_over_real": round(manifest.stats["padded_over_real"], 4)}, indent=2))
+# ------------------------------------------------------------------------------------------------ summaries
+def _counts(cfg, manifest) -> None:
+    _echo_json({"out": cfg.out, "counts": manifest.counts})
 
 
-@main.command("export-nrkd")
-@click.option("--scores", required=True, help="A scores output (of `raykd score` or `raykd import-nrkd`).")
-@click.option("--out", required=True, help="NRKD tsv to write (.gz compresses).")
-@click.option("--teacher", default=None, help="Write this teacher's scores instead of the ensemble's.")
-@CONFIG_OPTION
-def export_nrkd(scores, out, teacher, config_file):
-    """Write a scores output as Hofstätter's NRKD tsv: pos_score, neg_score, qid, pos_pid, neg_pid."""
-    from raykd.stages.score import export_nrkd as run
-
-    n = run_stage(lambda _: run(scores, out, teacher), None)
-    click.echo(json.dumps({"out": out, "lines": n}))
+def _counts_and_stats(cfg, manifest) -> None:
+    _echo_json({"out": cfg.out, "counts": manifest.counts, "stats": manifest.stats})
 
 
-@main.command("import-nrkd")
-@click.option("--nrkd", default=None, help="NRKD tsv (e.g. the published T2 teacher scores), .gz ok.")
-@click.option("--out", default=None, help="Output URI of the scores.")
-@click.option("--teacher-name", default=None, help="Name for the file's teacher (default t2).")
-@click.option("--rows-per-part", type=int, default=None, help="Target triples per output part (default 100000).")
-@CONFIG_OPTION
-def import_nrkd(nrkd, out, teacher_name, rows_per_part, config_file):
-    """Turn an NRKD teacher tsv into a scores output that `raykd train` reads without scoring."""
-    from raykd.stages.score import ImportNrkdConfig
-    from raykd.stages.score import import_nrkd as run
-
-    cfg = config.build(ImportNrkdConfig, config_file, nrkd=nrkd, out=out, teacher_name=teacher_name,
-                       rows_per_part=rows_per_part)
-    manifest = run_stage(run, cfg)
-    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts}, indent=2))
+def score_summary(cfg, manifest) -> None:
+    _echo_json({"out": cfg.out, "counts": manifest.counts,
+                "forward_passes": manifest.stats["forward_passes_total"],
+                "naive_forward_passes": manifest.stats["naive_forward_passes"],
+                "padded_over_real": round(manifest.stats["padded_over_real"], 4)})
 
 
-# ------------------------------------------------------------------------------------------------ train
-@main.command()
-@click.option("--data", default=None, help="Text store URI (from `raykd prepare`).")
-@click.option("--scores", default=None, help="Scores output URI (`raykd score` / `raykd import-nrkd`).")
-@click.option("--student", default=None, help="bert_dot | bert_cat | colbert | prettr | tk (default bert_dot).")
-@click.option("--init", default=None, help="Hub name or path the student starts from.")
-@click.option("--loss", default=None, help="margin_mse | mse | ranknet | labels | tct (default margin_mse).")
-@click.option("--out", default=None, help="Output URI (local or s3://): checkpoints, model/, metrics, manifest.")
-@click.option("--workers", type=int, default=None, help="Ray Train workers (default 2).")
-@click.option("--use-gpu/--no-gpu", "use_gpu", default=None, help="One GPU per worker, bf16 autocast.")
-@click.option("--cpus-per-worker", type=float, default=None, help="CPUs per worker, fractional ok (default 0.5).")
-@click.option("--batch-size", type=int, default=None, help="Triples per worker per micro-batch (default 32).")
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (default 1).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default: from --epochs).")
-@click.option("--epochs", type=float, default=None, help="Passes over the triples (default 1).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 7e-6).")
-@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps (default 0).")
-@click.option("--clip-norm", type=float, default=None, help="Gradient clipping max norm, 0 off (default 1.0).")
-@click.option("--seed", type=int, default=None, help="Seed (default 42).")
-@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 500).")
-@click.option("--keep-checkpoints", type=int, default=None, help="Keep the last N checkpoints (default 2).")
-@click.option("--validate-every", type=int, default=None, help="Validate every N steps (default: at checkpoints).")
-@click.option("--val-queries", type=int, default=None, help="Validation queries, 0 off (default 100).")
-@click.option("--max-failures", type=int, default=None, help="Worker failures to recover from (default 3).")
-@click.option("--teacher", default=None, help="Teacher run inside the loop (losses that need one, e.g. tct).")
-@click.option("--tct-mode", type=click.Choice(["none", "triplet", "inbatch"]), default=None,
-              help="TCT distillation: none (labels only), triplet, inbatch (default inbatch).")
-@click.option("--tau", type=float, default=None, help="TCT teacher softmax temperature (default 0.25).")
-@click.option("--gamma", type=float, default=None, help="TCT weight of CE on labels; 1 - gamma on KL (default 0.1).")
-@click.option("--cross-device/--no-cross-device", default=None, help="TCT in-batch negatives from every worker.")
-@CONFIG_OPTION
-def train(config_file, tct_mode, tau, gamma, cross_device, **flags):
-    """Distil a student from teacher scores on Ray Train (DDP); resumable with the same --out."""
+def _write_sample(spec, out: str) -> dict:
+    from raykd.sample import write_sample
+
+    return write_sample(out, spec)
+
+
+def _export_nrkd(cfg) -> int:
     from raykd.errors import UserError
-    from raykd.losses.tct import cli_loss_options
-    from raykd.stages.train import TrainConfig
-    from raykd.stages.train import train as run
+    from raykd.stages.score import export_nrkd
 
-    cfg = config.build(TrainConfig, config_file, **flags)
-    try:
-        cfg.loss_options = cli_loss_options(cfg.loss, cfg.loss_options, tct_mode=tct_mode, tau=tau, gamma=gamma,
-                                            cross_device=cross_device)
-    except (UserError, ValueError) as e:
-        _fail(e)
-    manifest = run_stage(run, cfg)
-    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts, "stats": manifest.stats}, indent=2, default=str))
+    if not cfg.scores or not cfg.out:
+        raise UserError("export-nrkd needs --scores URI and --out FILE")
+    return export_nrkd(cfg.scores, cfg.out, cfg.teacher)
 
 
-# ------------------------------------------------------------------------------------------------ index
-@main.command()
-@click.option("--data", default=None, help="Text store URI (made by `raykd prepare`).")
-@click.option("--encoder", default=None, help="HF encoder name/path or a raykd BERT_DOT/TCT checkpoint.")
-@click.option("--pooling", type=click.Choice(["cls", "mean"]), default=None, help="Pooling (default: checkpoint's, else cls).")
-@click.option("--normalize/--no-normalize", default=None, help="L2-normalise vectors (default: checkpoint's, else no).")
-@click.option("--max-length", type=int, default=None, help="Passage max tokens (default: checkpoint's, else 512).")
-@click.option("--query-max-length", type=int, default=None, help="Query max tokens, used by search (default 64).")
-@click.option("--query-prefix", default=None, help="Text put before every query.")
-@click.option("--passage-prefix", default=None, help="Text put before every passage.")
-@click.option("--shards", type=int, default=None, help="Number of shards (default 1).")
-@click.option("--factory", default=None, help="Faiss index factory: Flat (default), IVF4096,Flat, IVF4096,PQ64, HNSW32.")
-@click.option("--train-sample", type=int, default=None, help="Vectors sampled to train IVF/PQ (default 100000).")
-@click.option("--merge/--no-merge", default=None, help="Also write one merged index over all shards.")
-@click.option("--actors", type=int, default=None, help="Encoder actors (default 1).")
-@click.option("--actor-cpus", type=float, default=None, help="Ray CPUs per actor (default 0.5).")
-@click.option("--actor-gpus", type=float, default=None, help="GPUs per actor (default 0).")
-@click.option("--batch-size", type=int, default=None, help="Passages per forward pass (default 32).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="Encoder compute precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32).")
-@click.option("--out", default=None, help="Output URI of the index.")
-@CONFIG_OPTION
-def index(config_file, **flags):
-    """Encode passages into sharded Faiss indexes (resumable; see docs/retrieval.md)."""
-    from raykd.stages.index import IndexConfig
-    from raykd.stages.index import index as run
-
-    cfg = config.build(IndexConfig, config_file, **flags)
-    manifest = run_stage(run, cfg)
-    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts}, indent=2))
-
-
-# ------------------------------------------------------------------------------------------------ search
-@main.command()
-@click.option("--data", default=None, help="Text store URI.")
-@click.option("--split", default=None, help="Query split to search (default test).")
-@click.option("--k", type=int, default=None, help="Results per query (default 1000).")
-@click.option("--out", default=None, help="Output URI: run.trec + run.parquet + manifest.")
-@click.option("--index", "index_uri", default=None, help="Dense index URI (dense retrieval).")
-@click.option("--use", type=click.Choice(["auto", "merged", "shards"]), default=None, help="Merged index or shard set.")
-@click.option("--nprobe", type=int, default=None, help="IVF lists probed.")
-@click.option("--ef-search", type=int, default=None, help="HNSW efSearch.")
-@click.option("--bm25", is_flag=True, default=None, help="BM25 retrieval (bm25s).")
-@click.option("--k1", type=float, default=None, help="BM25 k1 (default 0.9).")
-@click.option("--b", type=float, default=None, help="BM25 b (default 0.4).")
-@click.option("--stemmer", type=click.Choice(["porter", "english", "none"]), default=None, help="BM25 stemmer.")
-@click.option("--rerank", default=None, help="Candidate run to re-rank (file or search output).")
-@click.option("--scorer", default=None, help="Re-rank scorer: a raykd model folder or HF cross-encoder.")
-@click.option("--hybrid", is_flag=True, default=None, help="TCT Eq. 7 hybrid of --dense and --sparse.")
-@click.option("--dense", default=None, help="Hybrid: dense run.")
-@click.option("--sparse", default=None, help="Hybrid: sparse run.")
-@click.option("--alpha", type=float, default=None, help="Hybrid alpha (unset: tuned on --tune-split).")
-@click.option("--tune-split", default=None, help="Split whose qrels tune alpha (default train).")
-@click.option("--tune-dense", default=None, help="Dense run of --tune-split.")
-@click.option("--tune-sparse", default=None, help="Sparse run of --tune-split.")
-@click.option("--tune-measure", default=None, help="Measure alpha maximises (default nDCG@10).")
-@click.option("--alpha-grid", type=float, multiple=True, help="Alphas to try (repeatable).")
-@click.option("--batch-size", type=int, default=None, help="Queries per encoder pass / pairs per re-rank pass.")
-@click.option("--latency-queries", type=int, default=None, help="Also time N queries one at a time.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="Dense query encoding precision (default: the index's).")
-@click.option("--tag", default=None, help="Run tag.")
-@CONFIG_OPTION
-def search(config_file, index_uri, **flags):
-    """Retrieve top-k runs: dense, BM25, re-rank, hybrid."""
-    from raykd.stages.search import SearchConfig
-    from raykd.stages.search import search as run
-
-    cfg = config.build(SearchConfig, config_file, index=index_uri, **flags)
-    manifest = run_stage(run, cfg)
-    click.echo(json.dumps({"out": cfg.out, "counts": manifest.counts, "stats": manifest.stats}, indent=2))
-
-
-# ------------------------------------------------------------------------------------------------ evaluate
-@main.command()
-@click.option("--run", "run_", multiple=True, help="Run file or search output URI (repeatable).")
-@click.option("--qrels", default=None, help="Qrels file (TREC 4-column or BEIR tsv).")
-@click.option("--data", default=None, help="Text store whose --split qrels to use.")
-@click.option("--split", default=None, help="Split of --data.")
-@click.option("--metrics", "metrics_", multiple=True, help="Measure (repeatable or comma-separated), e.g. nDCG@10.")
-@click.option("--complete/--judged-only", default=None, help="Count judged queries missing from the run as 0.")
-@click.option("--names", multiple=True, help="Display names of the runs (repeatable).")
-@click.option("--out", default=None, help="Write metrics.json, per_query.parquet, report.md, efficiency.png here.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results (with per-query values).")
-@CONFIG_OPTION
-def evaluate(config_file, run_, metrics_, as_json, **flags):
-    """Compute trec_eval-exact metrics of runs (mean and per query)."""
-    from raykd.stages.evaluate import EvaluateConfig
-    from raykd.stages.evaluate import evaluate as run
-
-    measures = tuple(m for spec in metrics_ for m in spec.split(",") if m)
-    cfg = config.build(EvaluateConfig, config_file, run=run_, metrics=measures, **flags)
-    results = run_stage(run, cfg)
+def evaluate_summary(cfg, results: dict, as_json: bool = False) -> None:
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -324,31 +156,61 @@ def evaluate(config_file, run_, metrics_, as_json, **flags):
     click.echo(markdown(results, list(cfg.metrics)), nl=False)
 
 
-# ------------------------------------------------------------------------------------------------ demo
-@main.command()
-@click.option("--out", default=None, help="Where every stage writes (local path or s3://; default demo-out).")
-@click.option("--seed", type=int, default=None, help="Seed of the sample and of every training run.")
-@click.option("--workers", type=int, default=None, help="Ray Train workers per training run (default 2).")
-@click.option("--teacher-steps", type=int, default=None, help="Steps fine-tuning each teacher on the labels.")
-@click.option("--student-steps", type=int, default=None, help="Steps per student.")
-@click.option("--shards", type=int, default=None, help="Index shards (default 3, also merged).")
-@click.option("--side-by-side", type=click.Choice(["auto", "yes", "no"]), default=None,
-              help="Run independent training chains side by side (auto: when there is a core for every worker).")
-@CONFIG_OPTION
-def demo(out, seed, workers, teacher_steps, student_steps, shards, side_by_side, config_file):
-    """Run the whole pipeline on the embedded sample and print the results table.
-
-    sample -> prepare -> fine-tune two teachers -> score (ensemble) -> train students (Margin-MSE, labels-only
-    baseline, ColBERT, TCT-ColBERT) -> index (sharded, merged) -> search (BM25, dense, re-rank, hybrid) ->
-    evaluate -> report under OUT/report."""
-    from raykd.stages.demo import DemoConfig
-    from raykd.stages.demo import demo as run
-
-    cfg = config.build(DemoConfig, config_file, out=out, seed=seed, workers=workers, teacher_steps=teacher_steps,
-                       student_steps=student_steps, shards=shards, side_by_side=side_by_side)
-    summary = run_stage(run, cfg)
+def _demo_summary(cfg, summary: dict) -> None:
     click.echo(summary["markdown"])
     click.echo(f"report: {cfg.out.rstrip('/')}/report (report.md, metrics.json, efficiency.png, demo.json)")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+sample = command(
+    "sample", config_class="raykd.sample:SampleSpec", stage=_write_sample, stage_params=("out",),
+    extra_params=[click.Option(["--out"], required=True, help="Where to write the raw files (local path or s3:// URI).")],
+    summary=lambda spec, counts, out: _echo_json({"out": out, "files": counts}),
+    help="Write the embedded MS MARCO-shaped sample (collection, queries, qrels, id triples) as raw tsv files.")
+
+prepare = command(
+    "prepare", config_class="raykd.stages.prepare:PrepareConfig", stage="raykd.stages.prepare:prepare",
+    summary=_counts,
+    help="Turn raw inputs (MS MARCO tsv or a BEIR folder) into the text store: Parquet keyed by integer ids.")
+
+score = command(
+    "score", config_class="raykd.stages.score:ScoreConfig", stage="raykd.stages.score:score", summary=score_summary,
+    help="Score training triples with a teacher ensemble (Ray Data actor pools, exactly once, resumable).")
+
+export_nrkd = command(
+    "export-nrkd", config_class="raykd.stages.score:ExportNrkdConfig", stage=_export_nrkd,
+    summary=lambda cfg, lines: click.echo(json.dumps({"out": cfg.out, "lines": lines})),
+    help="Write a scores output as Hofstätter's NRKD tsv: pos_score, neg_score, qid, pos_pid, neg_pid.")
+
+import_nrkd = command(
+    "import-nrkd", config_class="raykd.stages.score:ImportNrkdConfig", stage="raykd.stages.score:import_nrkd",
+    summary=_counts, help="Turn an NRKD teacher tsv into a scores output that `raykd train` reads without scoring.")
+
+train = command(
+    "train", config_class="raykd.stages.train:TrainConfig", stage="raykd.stages.train:train",
+    summary=_counts_and_stats,
+    help="Distil a student from teacher scores on Ray Train (DDP); resumable with the same --out. Loss options "
+         "as --loss-option KEY=VALUE (e.g. tct: --loss-option tau=0.25 --loss-option mode=inbatch).")
+
+index = command(
+    "index", config_class="raykd.stages.index:IndexConfig", stage="raykd.stages.index:index", summary=_counts,
+    help="Encode passages into sharded Faiss indexes (resumable; see docs/retrieval.md).")
+
+search = command(
+    "search", config_class="raykd.stages.search:SearchConfig", stage="raykd.stages.search:search",
+    summary=_counts_and_stats, help="Retrieve top-k runs: dense (--index), --bm25, re-rank (--rerank), --hybrid.")
+
+evaluate = command(
+    "evaluate", config_class="raykd.stages.evaluate:EvaluateConfig", stage="raykd.stages.evaluate:evaluate",
+    extra_params=[JSON_OPTION], summary=evaluate_summary,
+    help="Compute trec_eval-exact metrics of runs (mean and per query).")
+
+demo = command(
+    "demo", config_class="raykd.stages.demo:DemoConfig", stage="raykd.stages.demo:demo", summary=_demo_summary,
+    help="Run the whole pipeline on the embedded sample and print the results table.\n\n"
+         "sample -> prepare -> fine-tune two teachers -> score (ensemble) -> train students (Margin-MSE, "
+         "labels-only baseline, ColBERT, TCT-ColBERT) -> index (sharded, merged) -> search (BM25, dense, re-rank, "
+         "hybrid) -> evaluate -> report under OUT/report.")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ Files written (MS MARCO's official names, tab-separated, UTF-8):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from raykd import storage
+from raykd.config import field
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -41,17 +42,20 @@ def lexicon() -> list[str]:
 class SampleSpec:
     """Size and shape of the sample. Defaults run the whole demo in a few minutes on 2 CPU cores."""
 
-    seed: int = 13
-    train_queries: int = 200
-    dev_queries: int = 100
-    passages: int = 4000
-    negatives: int = 100
-    hard_negative_rate: float = 0.3
-    other_positive_rate: float = 0.3
-    synonym_rate: float = 0.4
-    passage_words: tuple[int, int] = (20, 45)
-    text_triples: bool = False
-    extra: dict = field(default_factory=dict)
+    seed: int = field(13, help="Random seed of the sample.")
+    train_queries: int = field(200, help="Training queries (each with one positive).")
+    dev_queries: int = field(100, help="Dev queries with qrels.")
+    passages: int = field(4000, help="Passages in the collection.")
+    negatives: int = field(100, help="Negatives per training query in the triples.")
+    hard_negative_rate: float = field(0.3, help="Share of triple negatives drawn from the query's hard negatives "
+                                                                     "(passages sharing a key term with it).")
+    other_positive_rate: float = field(0.3, help="Share of triple negatives that are other training queries' "
+                                                                      "positives.")
+    synonym_rate: float = field(0.4, help="Chance that a query writes a key term as its planted synonym "
+                                                               "(BM25 misses it).")
+    passage_words: tuple[int, int] = field((20, 45), help="Words per passage (min, max).")
+    text_triples: bool = field(False, help="Also write text triples (triples.train.small.tsv).")
+    extra: dict = field({}, help="Free-form KEY=VALUE notes kept with the spec (the generator ignores them).")
 
 
 def _vocab_split() -> tuple[list[str], list[str], dict[str, str]]:

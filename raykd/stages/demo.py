@@ -47,16 +47,17 @@ class DemoConfig:
     teacher_lr: float = field(2e-3, help="Peak learning rate of the teachers (tiny models from scratch).")
     teacher_retries: int = field(1, help="Times a teacher whose validation MRR@10 ends under teacher_min_val is "
                                          "trained again from a fresh initialisation (0: never); the best run scores.")
-    teacher_min_val: float | None = field(None, help="Validation MRR@10 a teacher must reach (default: twice "
+    teacher_min_val: float | None = field(None, help="Validation MRR@10 a teacher must reach (unset: twice "
                                                      "chance, 0.196 with 29 random negatives).")
     student_lr: float = field(1e-3, help="Peak learning rate of the students.")
     batch_size: int = field(32, help="Triples per worker per step.")
     hidden: int = field(64, help="Hidden size of the tiny models.")
     shards: int = field(3, help="Index shards (merged into one index as well).")
     k: int = field(100, help="Results per query; BM25 candidates per query for re-ranking.")
-    local_cache: str | None = field(None, help="Local folder for the tiny initial models (default: out, or ~/.cache/raykd).")
-    side_by_side: str = field("auto", help="Run the independent training chains side by side: yes, no, or auto "
-                                           "(yes when the machine has a core for every worker of both).")
+    local_cache: str | None = field(None, help="Local folder for the tiny initial models (unset: out, or ~/.cache/raykd).")
+    side_by_side: str = field("auto", help="Run the independent training chains side by side (auto: yes when the "
+                                           "machine has a core for every worker of both).",
+                              choices=["auto", "yes", "no"])
 
 
 def _step(name: str, out: str, fn, *, done=None):

@@ -39,14 +39,16 @@ VERSION = 1
 class EvaluateConfig:
     SECTION = "evaluate"
 
-    run: list = field([], help="Run(s): TREC files or search output URIs. Repeatable.")
+    run: list[str] = field([], help="Run(s): TREC files or search output URIs.")
     qrels: str | None = field(None, help="Qrels file (TREC 4-column or BEIR tsv).")
     data: str | None = field(None, help="Text store whose --split qrels to use (instead of --qrels).")
     split: str | None = field(None, help="Split of --data.")
-    metrics: list = field(list(metrics.DEFAULT_MEASURES), help="Measures (ir-measures or trec_eval names).")
-    complete: bool = field(False, help="Count qrels queries missing from a run as 0 (trec_eval -c).")
+    metrics: list[str] = field(list(metrics.DEFAULT_MEASURES), help="Measures (ir-measures or trec_eval names).",
+                               comma=True)
+    complete: bool = field(False, help="Count qrels queries missing from a run as 0 (trec_eval -c).",
+                           flag="--complete/--judged-only")
     out: str | None = field(None, help="Write metrics.json, per_query.parquet, report.md, efficiency.png here.")
-    names: list = field([], help="Display names of the runs (default: from their paths).")
+    names: list[str] = field([], help="Display names of the runs (unset: from their paths).")
 
 
 def _run_name(uri: str) -> str:

@@ -44,13 +44,14 @@ class IndexConfig:
     data: str | None = field(None, help="Text store URI (made by `raykd prepare`).")
     encoder: str | None = field(None, help="HF encoder name/path or a raykd BERT_DOT/TCT checkpoint folder.")
     out: str | None = field(None, help="Output URI of the index (local path or s3://).")
-    pooling: str | None = field(None, help="cls | mean (default: the checkpoint's raykd_model.json, else cls).")
-    normalize: bool | None = field(None, help="L2-normalise vectors (default: from the checkpoint, else no).")
-    max_length: int | None = field(None, help="Passage max tokens (default: from the checkpoint, else 512).")
-    query_max_length: int | None = field(None, help="Query max tokens, recorded for search (default 64).")
+    pooling: str | None = field(None, help="Pooling (unset: the checkpoint's raykd_model.json, else cls).",
+                                choices=["cls", "mean"])
+    normalize: bool | None = field(None, help="L2-normalise vectors (unset: from the checkpoint, else no).")
+    max_length: int | None = field(None, help="Passage max tokens (unset: from the checkpoint, else 512).")
+    query_max_length: int | None = field(None, help="Query max tokens, recorded for search (unset: 64).")
     query_prefix: str = field("", help="Text put before every query (e.g. 'query: ').")
     passage_prefix: str = field("", help="Text put before every passage (e.g. 'passage: ').")
-    precision: str = field("auto", help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with native "
+    precision: str = field("auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA and on CPUs with native "
                                         "bf16 (AVX512-BF16/AMX), else fp32. Recorded; search encodes queries alike.")
     shards: int = field(1, help="Number of shards.")
     factory: str = field("Flat", help="Faiss index factory string: Flat, IVF4096,Flat, IVF4096,PQ64, HNSW32, ...")
@@ -63,7 +64,7 @@ class IndexConfig:
     batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).")
     actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).")
     chunk_rows: int = field(1024, help="Corpus rows per read task (also the unit of progress and streaming).")
-    device: str | None = field(None, help="Torch device for the encoders (default cuda if available, else cpu).")
+    device: str | None = field(None, help="Torch device for the encoders (unset: cuda if available, else cpu).")
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(

@@ -37,11 +37,14 @@ class PrepareConfig:
     msmarco: str | None = field(None, help="Folder (or s3:// prefix) with MS MARCO's official file names.")
     beir: str | None = field(None, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
     out: str | None = field(None, help="Output URI of the text store.")
-    extra_queries: list = field([], help="Extra query splits as SPLIT=FILE (qid<TAB>text).")
-    extra_qrels: list = field([], help="Extra qrels as SPLIT=FILE (TREC 4 columns or BEIR tsv).")
+    extra_queries: list[str] = field([], help="Extra query splits as SPLIT=FILE (qid<TAB>text, e.g. "
+                                                 "dl19=topics.dl19-passage.txt).", flag="--queries")
+    extra_qrels: list[str] = field([], help="Extra qrels as SPLIT=FILE (TREC 4 columns or BEIR tsv).",
+                                    flag="--qrels")
     triples: str | None = field(None, help="Triples file (id or text triples) instead of the folder's own.")
     part_rows: int = field(500_000, help="Rows per Parquet part of the corpus and of the triples.")
-    lenient: bool = field(False, help="Quarantine bad rows (listed in quarantine/, counted) instead of failing.")
+    lenient: bool = field(False, help="Quarantine bad rows (listed in quarantine/, counted) instead of failing.",
+                          flag="--lenient/--strict")
 
 
 def _find(folder: str, names: list[str]) -> str | None:

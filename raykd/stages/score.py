@@ -58,9 +58,11 @@ class ScoreConfig:
     SECTION = "score"
 
     data: str = config.field("", help="Text store URI (the output of `raykd prepare`), with triples.")
-    teachers: list = config.field([], help="Teacher cross-encoders (BERT_CAT) by hub name or path. Repeatable.")
+    teachers: list[str] = config.field([], help="Teacher cross-encoders (BERT_CAT) by hub name or path.",
+                                       flag="--teacher")
     out: str = config.field("", help="Output URI of the scores (local path or s3://).")
-    weights: list = config.field([], help="Ensemble weight per teacher (default: equal weights, the mean).")
+    weights: list[float] = config.field([], help="Ensemble weight per teacher, in order (unset: equal weights, the mean).",
+                                         flag="--weight")
     query_max_length: int = config.field(30, help="Query tokens kept per pair (the paper: 30).")
     passage_max_length: int = config.field(200, help="Passage tokens kept per pair (the paper: 200).")
     split: str = config.field("train", help="Query split of the store that the triples' qids belong to.")
@@ -73,11 +75,12 @@ class ScoreConfig:
     gpus_per_actor: float = config.field(0.0, help="GPUs per scoring actor (1 on a GPU cluster).")
     cpus_per_actor: float = config.field(0.5, help="CPUs per scoring actor (fractional on small machines).")
     actor_resources: dict = config.field(
-        {}, help="Custom Ray resources per scoring actor, e.g. {teacher_gpu: 1} to land only on GPU worker nodes."
+        {}, help="Custom Ray resources per scoring actor, e.g. teacher_gpu=1 to land only on GPU worker nodes."
     )
     cpus_per_task: float = config.field(0.25, help="CPUs per text-lookup / tokenising task.")
     torch_threads: int = config.field(1, help="torch threads per scoring actor (CPU only).")
-    lenient: bool = config.field(False, help="Quarantine bad rows (unknown ids, NaN scores) instead of failing.")
+    lenient: bool = config.field(False, help="Quarantine bad rows (unknown ids, NaN scores) instead of failing.",
+                                 flag="--lenient/--strict")
     histogram_bins: int = config.field(60, help="Bins of the per-teacher score histogram.")
 
 
@@ -671,6 +674,17 @@ class ImportNrkdConfig:
     out: str = config.field("", help="Output URI of the scores (raykd.triple_scores).")
     teacher_name: str = config.field("t2", help="Name of the (ensemble) teacher the file's scores came from.")
     rows_per_part: int = config.field(100_000, help="Target triples per output part (parts are split by qid).")
+
+
+@dataclass
+class ExportNrkdConfig:
+    """Options of ``raykd export-nrkd`` (see ``export_nrkd``)."""
+
+    SECTION = "export_nrkd"
+
+    scores: str = config.field("", help="A scores output (of `raykd score` or `raykd import-nrkd`).")
+    out: str = config.field("", help="NRKD tsv to write (.gz compresses).")
+    teacher: str | None = config.field(None, help="Write this teacher's scores instead of the ensemble's.")
 
 
 def import_nrkd(cfg: ImportNrkdConfig) -> storage.Manifest:
