@@ -256,3 +256,18 @@ def test_verbose_flag_sets_the_environment(monkeypatch):
     monkeypatch.delenv("RAYKD_VERBOSE", raising=False)
     r = CliRunner().invoke(main, ["-v", "sample", "--help"])
     assert r.exit_code == 0 and os.environ.get("RAYKD_VERBOSE") == "1"
+
+
+def test_score_job_without_data_scores_the_sample_sized_by_sample_flags(tmp_path, monkeypatch):
+    """jobs/score_teachers.py's config when no --data is given: the embedded sample (sized by its --sample-*
+    flags), prepared, with the two tiny teachers; flags given still win."""
+    monkeypatch.setenv("RAYKD_SCORE_WORK", str(tmp_path / "work"))
+    cmd = _job("score_teachers")
+    argv = ["--sample-train-queries", "12", "--sample-dev-queries", "4", "--sample-negatives", "3",
+            "--sample-passages", "80", "--batch-size", "8"]
+    cfg = cmd.build(None, cmd.make_context("score_teachers.py", argv).params)
+    from raykd.formats.store import TextStore
+
+    assert cfg.data == str(tmp_path / "work" / "store") and cfg.out == str(tmp_path / "work" / "scores")
+    assert len(cfg.teachers) == 2 and cfg.batch_size == 8
+    assert TextStore(cfg.data).manifest["counts"]["triples"] == 12 * 3
