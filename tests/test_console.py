@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from raykd.log import NOISE, worker_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
