@@ -190,8 +190,7 @@ def _read_part(batch: dict, columns: list[str]) -> pa.Table:
 
 def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1):
     """The training stream: ``passes`` passes over the triples' Parquet parts, each pass in its own seeded part
-    order, as ONE Ray Data pipeline: it starts once per run (restarting it for every epoch cost ~7 s on 2 cores;
-    ``read_parquet`` lists a part once however often it is named, and a union of reads starts slower)."""
+    order, as ONE Ray Data pipeline that starts once per run, not once per epoch (docs/train.md, "Data path")."""
     import ray.data
 
     if scores is not None:
