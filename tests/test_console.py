@@ -55,11 +55,12 @@ def test_train_console_quiet_by_default_and_verbose_brings_ray_back(tmp_path, sa
     assert _count(quiet, r"raykd\.train INFO step 0 validation MRR@10") == 1, quiet
     assert _count(quiet, r"raykd\.train INFO step 5/10 loss") == 1, quiet
     assert _count(quiet, r"raykd\.train INFO step 10/10 loss") == 1, quiet
-    assert "TrainController" not in quiet, quiet
+    # Ray Train's controller bookkeeping is gone (its errors, if any, still show)
+    assert "Started training worker group" not in quiet, quiet
 
     loud = _train(tmp_path, sample_store, init, "loud", verbose=True)
     # Ray's own lines are back: its controller's bookkeeping and its per-report INFO lines
-    assert "TrainController" in loud, loud
+    assert "Started training worker group" in loud, loud
     assert "Reporting training result" in loud, loud
     assert _count(loud, r"raykd\.train INFO step 10/10 loss") == 1, loud
 
