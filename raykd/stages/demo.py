@@ -145,7 +145,7 @@ def demo(cfg: DemoConfig) -> dict:
     # teachers: one wide attention layer without dropout learns the sample's term matching fastest from scratch
     shapes = {
         "teacher_bert_wide": ("bert", "cross_encoder", 2 * cfg.hidden, 1, 4, 0.0),
-        # a second, narrower BERT_CAT (an ALBERT-shaped one did not learn in 600 steps at this rate)
+        # a second, narrower BERT_CAT: ALBERT-shaped teachers did not learn at this rate (docs/demo.md)
         "teacher_bert_narrow": ("bert", "cross_encoder", 3 * cfg.hidden // 2, 1, 4, 0.0),
         "student": ("bert", "encoder", cfg.hidden, 2, 2, 0.1),
     }
@@ -156,11 +156,8 @@ def demo(cfg: DemoConfig) -> dict:
                   query_max_length=16, passage_max_length=64, val_queries=cfg.dev_queries, log_every=25,
                   checkpoint_every=max(cfg.student_steps, cfg.teacher_steps))
 
-    # 3. teachers: BERT_CAT cross-encoders fine-tuned on the labels, two independent runs. (One worker
-    # each with the whole batch was no faster on 2 cores, and the wide teacher then stayed near chance for 300
-    # steps and ended at validation MRR@10 0.17 instead of 0.42-0.49.) A run from scratch sometimes sits at chance
-    # for most of its steps (the same recipe ended at 0.157 once and 0.37-0.66 otherwise): a teacher that ends
-    # under twice chance is trained again from a fresh initialisation, the best run scores, and the report says so.
+    # 3. teachers: BERT_CAT cross-encoders fine-tuned on the labels, two independent runs of `workers` workers;
+    # a run from scratch can sit at chance, so one that ends under twice chance is trained again (docs/demo.md)
     min_val = _min_val(cfg)
     teacher_runs: dict[str, list[dict]] = {}
 
@@ -297,9 +294,8 @@ def _min_val(cfg: DemoConfig) -> float:
 
 def _side_by_side(cfg: DemoConfig) -> bool:
     """Whether two training runs should share the machine. Side by side their start-up costs overlap, but
-    2-worker DDP on oversubscribed cores waits on descheduled peers at every all-reduce: on 2 cores, two runs
-    side by side took longer than the same runs one after the other (the demo: 372 s against 289 s,
-    docs/demo.md)."""
+    2-worker DDP on oversubscribed cores waits on descheduled peers at every all-reduce (measured in
+    docs/demo.md, "Side by side or one after the other")."""
     choice = str(cfg.side_by_side).lower()
     if choice in ("yes", "true", "1"):
         return True

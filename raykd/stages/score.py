@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ from raykd import config, storage
 from raykd.errors import UserError
 from raykd.formats import scores as fmt
 from raykd.formats.store import TextStore, passage_text
+from raykd.log import get_logger
 from raykd.runtime import init_ray
 
 STATS_KEY = b"raykd.score.stats"
@@ -84,8 +84,8 @@ class ScoreConfig:
     histogram_bins: int = config.field(60, help="Bins of the per-teacher score histogram.")
 
 
-def _log(msg: str) -> None:
-    print(f"[raykd score] {msg}", file=sys.stderr, flush=True)
+log = get_logger("score")
+_log = log.info  # the stage's events, in raykd's one console format
 
 
 # ---------------------------------------------------------------------------------------------------------

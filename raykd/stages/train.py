@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import math
 import os
 import random
@@ -56,7 +55,8 @@ import pyarrow.parquet as pq
 from raykd import storage
 from raykd.config import field
 from raykd.errors import UserError
-from raykd.log import get_logger
+from raykd.log import configure as configure_console
+from raykd.log import get_logger, ray_train_logging
 from raykd.runtime import init_ray
 
 log = get_logger("train")
@@ -190,8 +190,7 @@ def _read_part(batch: dict, columns: list[str]) -> pa.Table:
 
 def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1):
     """The training stream: ``passes`` passes over the triples' Parquet parts, each pass in its own seeded part
-    order, as ONE Ray Data pipeline: it starts once per run (restarting it for every epoch cost ~7 s on 2 cores;
-    ``read_parquet`` lists a part once however often it is named, and a union of reads starts slower)."""
+    order, as ONE Ray Data pipeline that starts once per run, not once per epoch (docs/train.md, "Data path")."""
     import ray.data
 
     if scores is not None:
@@ -364,16 +363,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # same random heads on every rank (DDP also broadcasts rank 0's)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        # Ray Train logs every report (the whole metrics dict) at INFO; raykd prints its own step lines
-        from ray.train.v2._internal.execution import context as _train_context
-
-        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
-    except Exception:  # noqa: BLE001 - logging only
-        pass
+    configure_console()  # this worker is a process of its own: raykd's console settings, once
     spec = get_loss(cfg.loss)
     opts = {**cfg.student_options, "query_max_length": cfg.query_max_length,
             "passage_max_length": cfg.passage_max_length}
@@ -393,7 +383,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 history = [json.loads(line) for line in f if line.strip()]
         step = int(state["step"])
         history.append({"event": "resumed", "step": step, "time": time.time()})
-        print(f"{time.strftime('%H:%M:%S')} [raykd.train rank {rank}] resumed from checkpoint at step {step}", flush=True)
+        log.info("rank %d resumed from checkpoint at step %d", rank, step)
 
     model = ray.train.torch.prepare_model(bare)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -423,7 +413,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     if step == 0 and val and rank == 0:
         history.append({"event": "validation", "step": 0, "mrr@10": mrr_at_10(bare, val), "time": time.time()})
-        print(f"{time.strftime('%H:%M:%S')} [raykd.train] step 0 validation MRR@10 {history[-1]['mrr@10']:.4f}", flush=True)
+        log.info("step 0 validation MRR@10 %.4f", history[-1]["mrr@10"])
 
     restarts = 0  # the stream holds enough passes for total_steps; it restarts only if it runs out (resumes)
     triples_seen = 0
@@ -473,10 +463,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                     metrics["val_mrr@10"] = mrr_at_10(bare, val)
                 if rank == 0:
                     history.append({**metrics, "time": now})
-                    print(f"{time.strftime('%H:%M:%S')} [raykd.train] step {step}/{total_steps} loss {metrics['loss']:.4f} "
-                          f"{metrics['triples_per_s']:.0f} triples/s"
-                          + (f" val MRR@10 {metrics['val_mrr@10']:.4f}" if "val_mrr@10" in metrics else ""),
-                          flush=True)
+                    # rank 0 only, through raykd's logger: once on the driver's console (a print in a Ray
+                    # Train worker reaches it twice, on stdout and through Ray Train's root logger)
+                    log.info("step %d/%d loss %.4f %.0f triples/s%s", step, total_steps, metrics["loss"],
+                             metrics["triples_per_s"],
+                             f" val MRR@10 {metrics['val_mrr@10']:.4f}" if "val_mrr@10" in metrics else "")
                 report(metrics, do_ckpt)
             if step >= total_steps:
                 break
@@ -554,6 +545,7 @@ def train(cfg: TrainConfig) -> storage.Manifest:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": storage.worker_env()},
+            logging_config=ray_train_logging(),
         ),
         datasets={"train": _dataset(cfg, spec, scores, passes)},
     )
