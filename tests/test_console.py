@@ -30,9 +30,7 @@ def _train(tmp_path, store: str, init: str, name: str, verbose: bool) -> str:
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAYKD_VERBOSE", None)
-    if verbose:
-        env["RAYKD_VERBOSE"] = "1"  # the CLI's --verbose sets the same variable
-    cmd = [sys.executable, "-m", "raykd.cli", "train", "--data", store, "--init", init, "--loss", "labels",
+    cmd = [sys.executable, "-m", "raykd.cli", *(["--verbose"] if verbose else []), "train", "--data", store, "--init", init, "--loss", "labels",
            "--student", "bert_dot", "--out", str(tmp_path / name), "--steps", "10", "--batch-size", "8",
            "--val-queries", "5", "--workers", "2", "--config", str(cfg)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
