@@ -16,12 +16,15 @@ import yaml
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
-    """A dataclass field with a help text (``metadata['help']``); mutable defaults become factories."""
+def field(default: Any = dataclasses.MISSING, help: str = "", fingerprint: bool = True, **kw) -> Any:
+    """A dataclass field with a help text (``metadata['help']``); mutable defaults become factories.
+    ``fingerprint=False``: the field does not change the stage's result (where it writes, resources, speed), so
+    it is left out of the output's fingerprint (:mod:`raykd.finished`)."""
+    meta = {"help": help, "fingerprint": fingerprint}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 def load_yaml(path: str | None) -> dict:
