@@ -12,8 +12,8 @@ Every stage starts with :func:`claim` and finishes by writing its manifest with 
 - ``_started.json`` (written by :func:`claim`) with the same fingerprint and no manifest: :attr:`State.RESUME`,
   the stage continues, skipping the parts it already committed;
 - nothing there yet: :attr:`State.FRESH`;
-- a different fingerprint, in the manifest or in the started marker of an unfinished run: refused with a
-  :class:`~raykd.errors.UserError` naming each differing field with both values. ``overwrite=True`` removes
+- a different fingerprint, in the manifest or in the started marker of an unfinished run that committed
+  something: refused with a :class:`~raykd.errors.UserError` naming each differing field with both values. ``overwrite=True`` removes
   the old output (only what lies under that output's prefix) and starts fresh.
 """
 
@@ -129,12 +129,15 @@ def claim(out: str, stage: str, fp: dict, overwrite: bool = False) -> Claim:
             )
         raise _refuse(out, manifest_uri, f"a finished `{manifest.get('stage')}` output", diff)
     marker = _read_json(marker_uri)
-    if marker is not None:
+    entries = storage.listdir(out)
+    if marker is not None and entries != [STARTED]:
         diff = differences({"stage": marker.get("stage"), **(marker.get("fingerprint") or {})}, {"stage": stage, **fp})
         if diff:
             raise _refuse(out, marker_uri, f"an unfinished `{marker.get('stage')}` run", diff)
         state = State.RESUME
-    elif storage.listdir(out):
+    elif marker is not None:  # a run that failed before committing anything (a bad input, say): nothing to keep
+        state = State.FRESH
+    elif entries:
         raise UserError(
             f"{out} is not empty but holds no raykd output (no {storage.MANIFEST}, no {STARTED}); "
             f"choose a new or empty --out"

@@ -545,6 +545,7 @@ def score(cfg: ScoreConfig) -> storage.Manifest:
     store = TextStore(cfg.data)
     weights = _resolve_weights(cfg)
     names = fmt.teacher_names(cfg.teachers)
+    _check_teachers(cfg)
     claim = finished.claim(cfg.out, "score", finished.fingerprint(
         cfg, weights=weights, **{"data.created_at": finished.input_identity(cfg.data),
                                  "teachers.created_at": [finished.input_identity(t) for t in cfg.teachers]}),
@@ -555,7 +556,6 @@ def score(cfg: ScoreConfig) -> storage.Manifest:
 
     plan_uri = storage.join(cfg.out, "_work", "plan.json")
     plan = json.loads(storage.read_bytes(plan_uri)) if storage.exists(plan_uri) else None
-    _check_teachers(cfg)
     if plan is None:
         plan = _plan(cfg, store)
     else:
