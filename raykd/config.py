@@ -21,13 +21,16 @@ T = TypeVar("T")
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-          choices: typing.Sequence[str] | None = None, comma: bool = False, **kw) -> Any:
+          choices: typing.Sequence[str] | None = None, comma: bool = False, fingerprint: bool = True, **kw) -> Any:
     """A dataclass field with a help text; mutable defaults become factories.
 
     ``flag`` overrides the command-line spelling (``"--teacher"``, ``"--lenient/--strict"``, or ``"--bm25"``
     for a bool that is an on-only flag); ``choices`` limits a str field's values; ``comma`` lets each value of
-    a list flag be a comma-separated list as well (``--metrics a,b --metrics c``)."""
-    metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "comma": comma}
+    a list flag be a comma-separated list as well (``--metrics a,b --metrics c``). ``fingerprint=False``: the
+    field does not change the stage's result (where it writes, resources, speed), so it is left out of the
+    output's fingerprint (:mod:`raykd.finished`)."""
+    metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "comma": comma,
+                "fingerprint": fingerprint}
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)

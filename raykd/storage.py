@@ -12,6 +12,7 @@ and says ``"complete": true``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -232,6 +233,7 @@ class Manifest:
     stats: dict
     parts: list
     timings: dict
+    fingerprint: dict = dataclasses.field(default_factory=dict)
     code_version: str = __version__
     complete: bool = True
     created_at: float = 0.0
@@ -253,7 +255,10 @@ def write_manifest(
     stats: dict | None = None,
     parts: list | None = None,
     timings: dict | None = None,
+    fingerprint: dict | None = None,
 ) -> Manifest:
+    """Commit ``out_uri``: write its manifest last. ``fingerprint``: the settings it was made with, from
+    :func:`raykd.finished.claim`."""
     m = Manifest(
         stage=stage,
         format=format,
@@ -264,6 +269,7 @@ def write_manifest(
         stats=stats or {},
         parts=parts or [],
         timings=timings or {},
+        fingerprint=fingerprint or {},
         created_at=time.time(),
     )
     write_bytes_atomic(join(out_uri, MANIFEST), m.to_json().encode())

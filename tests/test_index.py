@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raykd import dense_index as dx
-from raykd import metrics, storage
+from raykd import finished, metrics, storage
 from raykd.encoders import DenseEncoder, EncoderSpec, compute_dtype, cpu_has_native_bf16
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
@@ -212,12 +212,11 @@ def test_s3_index_reads_back_identically_and_ivf_shards_share_a_quantizer(
 def test_rerun_resumes_and_bad_shards_are_refused(ray_cluster, sample_store, tiny_encoder, tmp_path):
     out = str(tmp_path / "idx")
     cfg = IndexConfig(data=sample_store, encoder=tiny_encoder, shards=2, out=out, chunk_rows=256)
-    index(cfg)
-    again = index(cfg)
-    assert again.stats["resumed_shards"] == 2 and "encode_seconds" not in again.stats
-    with pytest.raises(UserError, match="other settings \\(shards: 2 there, 3 now\\)"):
+    first = index(cfg)
+    assert index(cfg).created_at == first.created_at  # finished: returned as it is
+    with pytest.raises(UserError, match=r"shards: 2 \(in .*manifest.json\) != 3 \(now\)"):
         index(IndexConfig(data=sample_store, encoder=tiny_encoder, shards=3, out=out))
-    with pytest.raises(UserError, match="precision: 'auto' there, 'fp32' now"):
+    with pytest.raises(UserError, match=r'precision: "auto" \(in .*\) != "fp32" \(now\)'):
         index(IndexConfig(data=sample_store, encoder=tiny_encoder, shards=2, out=out, precision="fp32"))
     # a manifest from before precision was recorded reads as fp32 (what such indexes were encoded in on CPU)
     m = storage.read_manifest(out, stage="index")
@@ -265,8 +264,13 @@ def test_other_factories_build_from_committed_vectors(minilm_index, minilm_path,
                                                       factory):
     out = str(tmp_path / "idx")
     _copy_encoded(minilm_index, out)
-    m = index(IndexConfig(data=scifact_mini_store, encoder=minilm_path, pooling="mean", normalize=True,
-                          max_length=256, shards=3, merge=True, factory=factory, train_sample=1000, out=out))
+    cfg = IndexConfig(data=scifact_mini_store, encoder=minilm_path, pooling="mean", normalize=True,
+                      max_length=256, shards=3, merge=True, factory=factory, train_sample=1000, out=out)
+    # a run with these settings that crashed after encoding: its started marker names its fingerprint
+    marker = json.loads(storage.read_bytes(storage.join(minilm_index, finished.STARTED)))
+    marker["fingerprint"].update(factory=factory, train_sample=1000, merge=True)
+    storage.write_bytes_atomic(storage.join(out, finished.STARTED), json.dumps(marker).encode())
+    m = index(cfg)
     assert m.stats["resumed_shards"] == 3 and "encode_seconds" not in m.stats  # nothing re-encoded
     flat, approx = dx.DenseIndex(minilm_index), dx.DenseIndex(out)
     q = np.asarray(flat.shard_vectors(flat.shards[0]))[:50]  # passages as queries: each should find itself

@@ -161,7 +161,8 @@ def test_killed_driver_then_rerun_resumes_from_the_latest_checkpoint(ray_cluster
     log.close()
     assert not storage.has_manifest(out), "a killed run must not look finished"
 
-    m = train(_cfg(sample_store, scores_uri, init, out, steps=60, val_queries=0, max_failures=0))
+    # the killed command's settings (the CLI's val_negatives default): the same fingerprint resumes
+    m = train(_cfg(sample_store, scores_uri, init, out, steps=60, val_queries=0, val_negatives=29, max_failures=0))
     assert m.counts["steps"] == 60
     history = [json.loads(x) for x in storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()]
     resumed = [h for h in history if h.get("event") == "resumed"]

@@ -8,8 +8,9 @@
     BM25's candidates with the ColBERT student and with a teacher, hybrid BM25 + dense with alpha tuned on
     train queries) -> evaluate -> report (report.md, metrics.json, efficiency.png, demo.json).
 
-Every step writes under ``out`` (local or s3://) and is skipped when its output is already finished, so a
-re-run resumes. The students start from tiny randomly initialised transformers models (``raykd.tiny``): the
+Every step writes under ``out`` (local or s3://) and returns its output when it is already finished with the
+same settings (:mod:`raykd.finished`), so a re-run resumes; ``overwrite`` rebuilds every step. The students
+start from tiny randomly initialised transformers models (``raykd.tiny``): the
 point is the pipeline and the comparison between students, not absolute numbers.
 """
 
@@ -58,18 +59,27 @@ class DemoConfig:
     side_by_side: str = field("auto", help="Run the independent training chains side by side (auto: yes when the "
                                            "machine has a core for every worker of both).",
                               choices=["auto", "yes", "no"])
+    overwrite: bool = field(False, help="Rebuild every step's output instead of returning finished ones (a step "
+                                        "whose output was made with other settings is otherwise refused).",
+                            fingerprint=False)
 
 
-def _step(name: str, out: str, fn, *, done=None):
-    """Run one pipeline step unless its output is already finished; log its time."""
+def _step(name: str, out: str, fn, *, done=None, overwrite: bool = False):
+    """Run one pipeline step; log its time. A stage itself returns its output when it is finished with the same
+    settings, and refuses one made with other settings (:mod:`raykd.finished`); ``done`` is for steps that are
+    not stages."""
     t0 = time.time()
-    finished = done() if done else storage.has_manifest(out)
-    if finished:
+    if done is not None and not overwrite and done():
         log.info("[%s] already finished in %s, skipped", name, out)
         return None
-    log.info("[%s] running -> %s", name, out)
+    was_finished = done is None and not overwrite and storage.has_manifest(out)
+    if not was_finished:
+        log.info("[%s] running -> %s", name, out)
     result = fn()
-    log.info("[%s] done in %.1f s", name, time.time() - t0)
+    if was_finished:
+        log.info("[%s] already finished in %s, skipped", name, out)
+    else:
+        log.info("[%s] done in %.1f s", name, time.time() - t0)
     return result
 
 
@@ -96,7 +106,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     def timed(name, fn, outdir, **kw):
         t0 = time.time()
-        _step(name, outdir, fn, **kw)
+        _step(name, outdir, fn, overwrite=cfg.overwrite, **kw)
         timings[name] = round(time.time() - t0, 1)
 
     parallel = _side_by_side(cfg)
@@ -135,7 +145,7 @@ def demo(cfg: DemoConfig) -> dict:
     )
     timed("sample", lambda: write_sample(j("raw"), spec), j("raw"),
           done=lambda: storage.exists(j("raw", "qidpidtriples.train.small.tsv")))
-    timed("prepare", lambda: prepare(PrepareConfig(msmarco=j("raw"), out=j("store"))), j("store"))
+    timed("prepare", lambda: prepare(PrepareConfig(msmarco=j("raw"), out=j("store"), overwrite=cfg.overwrite)), j("store"))
     store = j("store")
 
     # 2. tiny initial models (local: from_pretrained reads folders)
@@ -154,7 +164,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     common = dict(data=store, workers=cfg.workers, batch_size=cfg.batch_size, seed=cfg.seed,
                   query_max_length=16, passage_max_length=64, val_queries=cfg.dev_queries, log_every=25,
-                  checkpoint_every=max(cfg.student_steps, cfg.teacher_steps))
+                  checkpoint_every=max(cfg.student_steps, cfg.teacher_steps), overwrite=cfg.overwrite)
 
     # 3. teachers: BERT_CAT cross-encoders fine-tuned on the labels, two independent runs of `workers` workers;
     # a run from scratch can sit at chance, so one that ends under twice chance is trained again (docs/demo.md)
@@ -194,7 +204,8 @@ def demo(cfg: DemoConfig) -> dict:
 
     # 4. score the triples with the ensemble
     timed("score", lambda: score(ScoreConfig(data=store, teachers=teachers, out=j("scores"),
-                                             query_max_length=16, passage_max_length=64)), j("scores"))
+                                             query_max_length=16, passage_max_length=64,
+                                             overwrite=cfg.overwrite)), j("scores"))
 
     # 5. students (2 Ray Train workers each) as two independent chains: ColBERT -> TCT-ColBERT (the ColBERT
     # student is its frozen teacher), and BERT_DOT Margin-MSE -> BERT_DOT labels; 6. an index of each dense
@@ -225,7 +236,7 @@ def demo(cfg: DemoConfig) -> dict:
         iout = j("index", name)
         return (f"index {name}", lambda: index(IndexConfig(
             data=store, encoder=_model_dir(j("students", name)), out=iout, shards=cfg.shards, merge=True,
-            max_length=64, query_max_length=16)), iout)
+            max_length=64, query_max_length=16, overwrite=cfg.overwrite)), iout)
 
     # each dense student is indexed as soon as it is trained, inside its chain (side by side, its index
     # actors overlap the other chain's training)
@@ -242,7 +253,8 @@ def demo(cfg: DemoConfig) -> dict:
     def run(name: str, **kw):
         rout = j("runs", name)
         timed(f"search {name}", lambda: search(SearchConfig(data=store, split="dev", out=rout, k=cfg.k,
-                                                            latency_queries=20, **kw)), rout)
+                                                            latency_queries=20, overwrite=cfg.overwrite,
+                                                            **kw)), rout)
         runs[name] = rout
 
     run("bm25", bm25=True)
@@ -256,7 +268,7 @@ def demo(cfg: DemoConfig) -> dict:
     # 8. evaluate and report
     names = list(runs)
     results = evaluate(EvaluateConfig(run=[runs[n] for n in names], names=names, data=store, split="dev",
-                                      metrics=list(MEASURES), out=j("report")))
+                                      metrics=list(MEASURES), out=j("report"), overwrite=cfg.overwrite))
     summary = _summary(results, cfg, timings, time.time() - t_start, teacher_runs)
     storage.write_bytes_atomic(j("report", "demo.json"), json.dumps(summary, indent=2).encode())
     storage.write_bytes_atomic(j("report", "demo.md"), summary["markdown"].encode())

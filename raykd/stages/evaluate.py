@@ -18,13 +18,14 @@ Output under ``out`` (optional)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from raykd import metrics, storage
+from raykd import finished, metrics, storage
 from raykd.config import field
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
@@ -47,8 +48,10 @@ class EvaluateConfig:
                                comma=True)
     complete: bool = field(False, help="Count qrels queries missing from a run as 0 (trec_eval -c).",
                            flag="--complete/--judged-only")
-    out: str | None = field(None, help="Write metrics.json, per_query.parquet, report.md, efficiency.png here.")
+    out: str | None = field(None, help="Write metrics.json, per_query.parquet, report.md, efficiency.png here.", fingerprint=False)
     names: list[str] = field([], help="Display names of the runs (unset: from their paths).")
+    overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
+                            fingerprint=False)
 
 
 def _run_name(uri: str) -> str:
@@ -98,6 +101,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.names and len(cfg.names) != len(cfg.run):
         raise UserError(f"{len(cfg.names)} --names for {len(cfg.run)} runs")
     t0 = time.time()
+    claim = None
+    if cfg.out:
+        claim = finished.claim(cfg.out, "evaluate", finished.fingerprint(
+            cfg, **{"run.created_at": [finished.input_identity(u) for u in cfg.run],
+                    "data.created_at": finished.input_identity(cfg.data)}), cfg.overwrite)
+        if claim.finished:
+            log.info("%s already holds this evaluation; nothing to do", cfg.out)
+            return json.loads(storage.read_bytes(storage.join(cfg.out, "metrics.json")))
     qrels, store = load_qrels(cfg)
     results: dict = {}
     for i, uri in enumerate(cfg.run):
@@ -112,14 +123,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if name in results:
             name = f"{name}#{i}"
         results[name] = {**ev.to_dict(), "run": uri, "latency_ms": _latency(uri)}
-    if cfg.out:
-        _write(cfg, results, time.time() - t0)
+    if claim is not None:
+        _write(cfg, results, time.time() - t0, claim.fingerprint)
     return results
 
 
-def _write(cfg: EvaluateConfig, results: dict, seconds: float) -> None:
-    import json
-
+def _write(cfg: EvaluateConfig, results: dict, seconds: float, fingerprint: dict) -> None:
     from raykd import report
 
     rows = [(name, q, m, float(v)) for name, r in results.items() for q, vals in r["per_query"].items()
@@ -138,4 +147,5 @@ def _write(cfg: EvaluateConfig, results: dict, seconds: float) -> None:
         counts={"runs": len(results)},
         parts=["metrics.json", "per_query.parquet", "report.md", "efficiency.png"],
         timings={"total_seconds": round(seconds, 3)},
+        fingerprint=fingerprint,
     )

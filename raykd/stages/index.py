@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykd import dense_index as dx
-from raykd import storage
+from raykd import finished, storage
 from raykd.config import field
 from raykd.encoders import EncoderSpec, resolve
 from raykd.errors import UserError
@@ -43,7 +43,7 @@ class IndexConfig:
 
     data: str | None = field(None, help="Text store URI (made by `raykd prepare`).")
     encoder: str | None = field(None, help="HF encoder name/path or a raykd BERT_DOT/TCT checkpoint folder.")
-    out: str | None = field(None, help="Output URI of the index (local path or s3://).")
+    out: str | None = field(None, help="Output URI of the index (local path or s3://).", fingerprint=False)
     pooling: str | None = field(None, help="Pooling (unset: the checkpoint's raykd_model.json, else cls).",
                                 choices=["cls", "mean"])
     normalize: bool | None = field(None, help="L2-normalise vectors (unset: from the checkpoint, else no).")
@@ -57,14 +57,16 @@ class IndexConfig:
     factory: str = field("Flat", help="Faiss index factory string: Flat, IVF4096,Flat, IVF4096,PQ64, HNSW32, ...")
     train_sample: int = field(100_000, help="Vectors sampled (over all shards) to train IVF/PQ factories.")
     merge: bool = field(False, help="Also write one merged index over all shards (needs it to fit in memory).")
-    actors: int = field(1, help="Encoder actors in the Ray Data pool.")
-    actor_cpus: float = field(0.5, help="Ray CPUs reserved per actor (fractional on small machines).")
-    actor_gpus: float = field(0.0, help="GPUs per actor (1 on a GPU cluster).")
-    torch_threads: int = field(0, help="Torch threads per actor (0: this node's cores / actors).")
-    batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).")
-    actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).")
-    chunk_rows: int = field(1024, help="Corpus rows per read task (also the unit of progress and streaming).")
-    device: str | None = field(None, help="Torch device for the encoders (unset: cuda if available, else cpu).")
+    actors: int = field(1, help="Encoder actors in the Ray Data pool.", fingerprint=False)
+    actor_cpus: float = field(0.5, help="Ray CPUs reserved per actor (fractional on small machines).", fingerprint=False)
+    actor_gpus: float = field(0.0, help="GPUs per actor (1 on a GPU cluster).", fingerprint=False)
+    torch_threads: int = field(0, help="Torch threads per actor (0: this node's cores / actors).", fingerprint=False)
+    batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).", fingerprint=False)
+    actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).", fingerprint=False)
+    chunk_rows: int = field(1024, help="Corpus rows per read task (also the unit of progress and streaming).", fingerprint=False)
+    device: str | None = field(None, help="Torch device for the encoders (unset: cuda if available, else cpu).", fingerprint=False)
+    overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
+                            fingerprint=False)
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(
@@ -316,16 +318,13 @@ def index(cfg: IndexConfig) -> storage.Manifest:
     dx.new_index(3840, cfg.factory)  # fail fast on a bad factory string (3840: divisible by common PQ sizes)
     total = sum(n for _, n in _part_rows(store))
     shards = plan_shards(total, cfg.shards)
-    if storage.has_manifest(cfg.out):
-        old = storage.read_manifest(cfg.out, stage="index", format=dx.FORMAT)
-        was = {**dx.encoder_of(old), "shards": old["config"]["shards"]}
-        now = {**spec.to_dict(), "shards": cfg.shards}
-        diff = {k: (was.get(k), now.get(k)) for k in now if was.get(k) != now.get(k)}
-        if diff:
-            raise UserError(
-                f"{cfg.out} already holds an index made with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); use a new --out"
-            )
+    # the encoder settings as resolved from the checkpoint, so an explicit default is the same fingerprint
+    resolved = {k: v for k, v in spec.to_dict().items() if k != "name_or_path"}
+    claim = finished.claim(cfg.out, "index", finished.fingerprint(
+        cfg, **resolved, **{f"{k}.created_at": finished.input_identity(getattr(cfg, k)) for k in ("data", "encoder")}), cfg.overwrite)
+    if claim.finished:
+        log.info("%s is already a finished index; nothing to do", cfg.out)
+        return claim.manifest
     done = {
         s for s, sh in enumerate(shards) if storage.exists(storage.join(cfg.out, "shards", sh["name"], "encoded.json"))
     }
@@ -355,6 +354,7 @@ def index(cfg: IndexConfig) -> storage.Manifest:
         stats=stats,
         parts=shards,
         timings={"total_seconds": round(time.time() - t0, 3)},
+        fingerprint=claim.fingerprint,
     )
     log.info("index written to %s: %s passages, %d shard(s), dim %d", cfg.out, f"{total:,}", len(shards), dim)
     return m

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raykd import storage
+from raykd import finished, storage
 from raykd.config import field
 from raykd.errors import FormatError, UserError
 from raykd.formats import raw
@@ -36,7 +36,7 @@ class PrepareConfig:
 
     msmarco: str | None = field(None, help="Folder (or s3:// prefix) with MS MARCO's official file names.")
     beir: str | None = field(None, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
-    out: str | None = field(None, help="Output URI of the text store.")
+    out: str | None = field(None, help="Output URI of the text store.", fingerprint=False)
     extra_queries: list[str] = field([], help="Extra query splits as SPLIT=FILE (qid<TAB>text, e.g. "
                                                  "dl19=topics.dl19-passage.txt).", flag="--queries")
     extra_qrels: list[str] = field([], help="Extra qrels as SPLIT=FILE (TREC 4 columns or BEIR tsv).",
@@ -45,6 +45,8 @@ class PrepareConfig:
     part_rows: int = field(500_000, help="Rows per Parquet part of the corpus and of the triples.")
     lenient: bool = field(False, help="Quarantine bad rows (listed in quarantine/, counted) instead of failing.",
                           flag="--lenient/--strict")
+    overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
+                            fingerprint=False)
 
 
 def _find(folder: str, names: list[str]) -> str | None:
@@ -128,16 +130,16 @@ def prepare(cfg: PrepareConfig) -> storage.Manifest:
         raise UserError("nothing to prepare: give --msmarco DIR, --beir DIR or --queries SPLIT=FILE")
     if cfg.part_rows < 1:
         raise UserError(f"part_rows must be positive, got {cfg.part_rows}")
-    if storage.has_manifest(cfg.out):
-        m = storage.read_manifest(cfg.out, stage="prepare")
+    claim = finished.claim(cfg.out, "prepare", finished.fingerprint(cfg), cfg.overwrite)
+    if claim.finished:
         log.info("%s is already a finished text store; nothing to do", cfg.out)
-        return storage.Manifest(**{k: m[k] for k in (f.name for f in dataclasses.fields(storage.Manifest))})
-    return _Prepare(cfg).run()
+        return claim.manifest
+    return _Prepare(cfg, claim.fingerprint).run()
 
 
 class _Prepare:
-    def __init__(self, cfg: PrepareConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PrepareConfig, fingerprint: dict):
+        self.cfg, self.fingerprint = cfg, fingerprint
         self.q = Quarantine(cfg.out, strict=not cfg.lenient)
         self.beir = bool(cfg.beir)
         self.inputs: dict[str, str] = {}
@@ -181,6 +183,7 @@ class _Prepare:
             stats={"id_mode": "beir_row_number" if self.beir else "msmarco_integer"},
             parts=self.parts,
             timings=self.timings,
+            fingerprint=self.fingerprint,
         )
         log.info("text store written to %s: %s", cfg.out, {k: v for k, v in self.counts.items() if v})
         return m

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raykd import config, storage
+from raykd import config, finished, storage
 from raykd.errors import UserError
 from raykd.formats import scores as fmt
 from raykd.formats.store import TextStore, passage_text
@@ -60,28 +60,32 @@ class ScoreConfig:
     data: str = config.field("", help="Text store URI (the output of `raykd prepare`), with triples.")
     teachers: list[str] = config.field([], help="Teacher cross-encoders (BERT_CAT) by hub name or path.",
                                        flag="--teacher")
-    out: str = config.field("", help="Output URI of the scores (local path or s3://).")
+    out: str = config.field("", help="Output URI of the scores (local path or s3://).", fingerprint=False)
     weights: list[float] = config.field([], help="Ensemble weight per teacher, in order (unset: equal weights, the mean).",
                                          flag="--weight")
     query_max_length: int = config.field(30, help="Query tokens kept per pair (the paper: 30).")
     passage_max_length: int = config.field(200, help="Passage tokens kept per pair (the paper: 200).")
     split: str = config.field("train", help="Query split of the store that the triples' qids belong to.")
-    batch_size: int = config.field(64, help="Pairs per forward pass.")
-    bucket_pairs: int = config.field(2048, help="Pairs per Ray Data block; each is sorted by length in the actor.")
+    batch_size: int = config.field(64, help="Pairs per forward pass.", fingerprint=False)
+    bucket_pairs: int = config.field(2048, help="Pairs per Ray Data block; each is sorted by length in the actor.", fingerprint=False)
     rows_per_part: int = config.field(100_000, help="Target triples per output part (parts are split by qid).")
-    parts_per_round: int = config.field(16, help="Output parts scored per Ray Data round (memory bound).")
-    min_actors: int = config.field(1, help="Minimum actors per teacher pool.")
-    max_actors: int = config.field(2, help="Maximum actors per teacher pool (the autoscaler may add GPU nodes).")
-    gpus_per_actor: float = config.field(0.0, help="GPUs per scoring actor (1 on a GPU cluster).")
-    cpus_per_actor: float = config.field(0.5, help="CPUs per scoring actor (fractional on small machines).")
+    parts_per_round: int = config.field(16, help="Output parts scored per Ray Data round (memory bound).", fingerprint=False)
+    min_actors: int = config.field(1, help="Minimum actors per teacher pool.", fingerprint=False)
+    max_actors: int = config.field(2, help="Maximum actors per teacher pool (the autoscaler may add GPU nodes).", fingerprint=False)
+    gpus_per_actor: float = config.field(0.0, help="GPUs per scoring actor (1 on a GPU cluster).", fingerprint=False)
+    cpus_per_actor: float = config.field(0.5, help="CPUs per scoring actor (fractional on small machines).", fingerprint=False)
     actor_resources: dict = config.field(
-        {}, help="Custom Ray resources per scoring actor, e.g. teacher_gpu=1 to land only on GPU worker nodes."
+        {}, help="Custom Ray resources per scoring actor, e.g. teacher_gpu=1 to land only on GPU worker nodes.",
+        fingerprint=False,
     )
-    cpus_per_task: float = config.field(0.25, help="CPUs per text-lookup / tokenising task.")
-    torch_threads: int = config.field(1, help="torch threads per scoring actor (CPU only).")
+    cpus_per_task: float = config.field(0.25, help="CPUs per text-lookup / tokenising task.", fingerprint=False)
+    torch_threads: int = config.field(1, help="torch threads per scoring actor (CPU only).", fingerprint=False)
     lenient: bool = config.field(False, help="Quarantine bad rows (unknown ids, NaN scores) instead of failing.",
                                  flag="--lenient/--strict")
     histogram_bins: int = config.field(60, help="Bins of the per-teacher score histogram.")
+    overwrite: bool = config.field(
+        False, help="Replace an existing output made with other settings instead of refusing.", fingerprint=False
+    )
 
 
 log = get_logger("score")
@@ -98,27 +102,11 @@ def part_of(qid: np.ndarray, n_parts: int) -> np.ndarray:
     return (h % np.uint64(n_parts)).astype(np.int64)
 
 
-def _fingerprint(cfg: ScoreConfig, store: TextStore, teacher_names: list[str], weights: list[float]) -> dict:
-    """What the result depends on; a re-run into the same output must match it."""
-    return {
-        "data": storage.redact(str(cfg.data)),
-        "store_created_at": store.manifest.get("created_at"),
-        "teachers": [str(t) for t in cfg.teachers],
-        "teacher_names": teacher_names,
-        "weights": weights,
-        "query_max_length": cfg.query_max_length,
-        "passage_max_length": cfg.passage_max_length,
-        "split": cfg.split,
-        "rows_per_part": cfg.rows_per_part,
-        "lenient": cfg.lenient,
-    }
-
-
 def _quarantine(out: str, name: str, table: pa.Table) -> None:
     storage.write_parquet_atomic(table.cast(fmt.QUARANTINE_SCHEMA), storage.join(out, "quarantine", name))
 
 
-def _plan(cfg: ScoreConfig, store: TextStore, fingerprint: dict) -> dict:
+def _plan(cfg: ScoreConfig, store: TextStore) -> dict:
     """Split the triples into parts by qid, check their ids, write the work parts, then ``plan.json``."""
     t0 = time.time()
     if not store.has_triples() or not storage.parquet_parts(store.triples_uri):
@@ -187,7 +175,6 @@ def _plan(cfg: ScoreConfig, store: TextStore, fingerprint: dict) -> dict:
         storage.write_parquet_atomic(t, storage.join(cfg.out, "_work", "triples", fmt.part_name(p)))
         parts.append(p)
     plan = {
-        "fingerprint": fingerprint,
         "n_parts": n_parts,
         "parts": parts,
         "triples_in": n_in,
@@ -561,26 +548,19 @@ def score(cfg: ScoreConfig) -> storage.Manifest:
     store = TextStore(cfg.data)
     weights = _resolve_weights(cfg)
     names = fmt.teacher_names(cfg.teachers)
-    fingerprint = _fingerprint(cfg, store, names, weights)
-
-    if storage.has_manifest(cfg.out):
-        m = storage.read_manifest(cfg.out, stage="score", format=fmt.FORMAT)
-        if m["config"].get("fingerprint") == json.loads(json.dumps(fingerprint)):
-            _log(f"{cfg.out} is already complete; nothing to do")
-            fields = {f.name for f in dataclasses.fields(storage.Manifest)}
-            return storage.Manifest(**{k: v for k, v in m.items() if k in fields})
-        raise UserError(f"{cfg.out} already holds scores made with another configuration; use another --out")
+    _check_teachers(cfg)
+    claim = finished.claim(cfg.out, "score", finished.fingerprint(
+        cfg, weights=weights, **{"data.created_at": finished.input_identity(cfg.data),
+                                 "teachers.created_at": [finished.input_identity(t) for t in cfg.teachers]}),
+        cfg.overwrite)
+    if claim.finished:
+        _log(f"{cfg.out} is already complete; nothing to do")
+        return claim.manifest
 
     plan_uri = storage.join(cfg.out, "_work", "plan.json")
     plan = json.loads(storage.read_bytes(plan_uri)) if storage.exists(plan_uri) else None
-    if plan is not None and plan["fingerprint"] != json.loads(json.dumps(fingerprint)):
-        raise UserError(
-            f"{cfg.out} holds an unfinished score run with another configuration (teachers, weights, max lengths, "
-            "split, rows_per_part or lenient differ); use another --out or delete it"
-        )
-    _check_teachers(cfg)
     if plan is None:
-        plan = _plan(cfg, store, fingerprint)
+        plan = _plan(cfg, store)
     else:
         _log(f"resuming: plan with {len(plan['parts'])} part(s) found")
 
@@ -640,20 +620,19 @@ def score(cfg: ScoreConfig) -> storage.Manifest:
         "quarantined_total": plan["quarantined_unknown_ids"] + quarantined_nan,
         "parts": len(part_names),
     }
-    cfg_dict = storage.redact(config.to_dict(cfg))
-    cfg_dict["fingerprint"] = fingerprint
     m = storage.write_manifest(
         cfg.out,
         "score",
         format=fmt.FORMAT,
         format_version=fmt.VERSION,
-        config=cfg_dict,
+        config=storage.redact(config.to_dict(cfg)),
         inputs={"data": storage.redact(str(cfg.data)), "teachers": [str(t) for t in cfg.teachers]},
         counts=counts,
         stats=stats,
         parts=[f"parts/{n}" for n in part_names],
         timings={"plan_s": plan.get("plan_s"), "scoring_s": round(scoring_s, 3),
                  "total_s": round(time.time() - t_start, 3)},
+        fingerprint=claim.fingerprint,
     )
     _log(f"done: {n_triples} triples, {stats['forward_passes_total']} forward passes "
          f"(naive {stats['naive_forward_passes']}), padded/real tokens {stats['padded_over_real']:.3f}")
@@ -671,9 +650,12 @@ class ImportNrkdConfig:
     SECTION = "import_nrkd"
 
     nrkd: str = config.field("", help="NRKD tsv (pos_score, neg_score, qid, pos_pid, neg_pid), .gz ok.")
-    out: str = config.field("", help="Output URI of the scores (raykd.triple_scores).")
+    out: str = config.field("", help="Output URI of the scores (raykd.triple_scores).", fingerprint=False)
     teacher_name: str = config.field("t2", help="Name of the (ensemble) teacher the file's scores came from.")
     rows_per_part: int = config.field(100_000, help="Target triples per output part (parts are split by qid).")
+    overwrite: bool = config.field(
+        False, help="Replace an existing output made with other settings instead of refusing.", fingerprint=False
+    )
 
 
 @dataclass
@@ -696,6 +678,10 @@ def import_nrkd(cfg: ImportNrkdConfig) -> storage.Manifest:
     if not cfg.nrkd or not cfg.out:
         raise UserError("import-nrkd needs --nrkd FILE and --out URI")
     name = fmt.teacher_names([cfg.teacher_name])[0]
+    claim = finished.claim(cfg.out, "import-nrkd", finished.fingerprint(cfg), cfg.overwrite)
+    if claim.finished:
+        _log(f"{cfg.out} is already complete; nothing to do")
+        return claim.manifest
     batches = []
     for i, b in enumerate(nrkd.iter_batches(cfg.nrkd)):
         batches.append(b)
@@ -736,6 +722,7 @@ def import_nrkd(cfg: ImportNrkdConfig) -> storage.Manifest:
         stats={"teachers": [name], "weights": [1.0], "score_summary": summary},
         parts=[f"parts/{n}" for n in names],
         timings={"total_s": round(time.time() - t0, 3)},
+        fingerprint=claim.fingerprint,
     )
     _log(f"imported {len(qid)} triples ({n_in - len(qid)} duplicates dropped) into {len(names)} part(s)")
     return m

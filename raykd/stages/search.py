@@ -20,7 +20,7 @@ Latency is wall time of the batched component divided by the number of queries (
 components when they are search outputs; a re-ranker adds its candidate run's); ``latency_queries = N`` also
 times N queries one at a time (batch size 1, the paper's setting) as ``stats.latency_ms_single``, with
 the indexes kept in memory between queries (so that must fit).
-A re-run with the same ``out`` and config returns the finished output.
+A re-run with the same ``out`` and settings returns the finished output (:mod:`raykd.finished`).
 
 Runs given as input may be a TREC file or a search output URI (its ``run.trec``). A run naming a query that is
 not in the split, or a document that is not in the corpus, is an error naming the file and line.
@@ -29,14 +29,13 @@ not in the split, or a document that is not in the corpus, is an error naming th
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from raykd import storage
+from raykd import finished, storage
 from raykd.config import field
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
@@ -54,7 +53,7 @@ class SearchConfig:
 
     data: str | None = field(None, help="Text store URI (queries of --split, corpus for BM25/re-ranking).")
     split: str = field("test", help="Query split of the store to search.")
-    out: str | None = field(None, help="Output URI (run.trec + run.parquet + manifest).")
+    out: str | None = field(None, help="Output URI (run.trec + run.parquet + manifest).", fingerprint=False)
     k: int = field(1000, help="Results per query (re-rank: candidates re-scored per query).")
     index: str | None = field(None, help="Dense index URI (made by `raykd index`).")
     use: str = field("auto", help="Dense: one merged index, or shard by shard with the top-k merged.",
@@ -76,13 +75,15 @@ class SearchConfig:
     tune_sparse: str | None = field(None, help="Hybrid: BM25 run of --tune-split (else made here).")
     tune_measure: str = field("nDCG@10", help="Hybrid: measure alpha maximises.")
     alpha_grid: list[float] = field([], help="Hybrid: alphas to try (unset: 0 and 41 values from 0.001 to 10).")
-    batch_size: int = field(64, help="Queries per encoder pass / pairs per re-rank pass.")
+    batch_size: int = field(64, help="Queries per encoder pass / pairs per re-rank pass.", fingerprint=False)
     latency_queries: int = field(0, help="Also time this many queries one at a time (batch size 1).")
     precision: str | None = field(None, help="Dense query encoding precision (unset: the index's).",
                                   choices=["auto", "fp32", "bf16"])
-    torch_threads: int = field(0, help="Torch threads (0: torch's default).")
-    device: str | None = field(None, help="Torch device (unset: cuda if available, else cpu).")
+    torch_threads: int = field(0, help="Torch threads (0: torch's default).", fingerprint=False)
+    device: str | None = field(None, help="Torch device (unset: cuda if available, else cpu).", fingerprint=False)
     tag: str | None = field(None, help="Run tag in run.trec (unset: the mode).")
+    overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
+                            fingerprint=False)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -299,11 +300,12 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     if mode == "rerank" and not cfg.scorer:
         raise UserError("--rerank needs --scorer PATH")
     config = dataclasses.asdict(cfg)
-    if storage.has_manifest(cfg.out):
-        old = storage.read_manifest(cfg.out, stage="search", format=FORMAT)
-        if old["config"] == json.loads(json.dumps(storage.redact(config), default=str)):
-            log.info("%s already holds this search; nothing to do", cfg.out)
-            return storage.Manifest(**{k: old[k] for k in storage.Manifest.__dataclass_fields__ if k in old})
+    inputs = ("data", "index", "rerank", "scorer", "dense", "sparse", "tune_dense", "tune_sparse")
+    claim = finished.claim(cfg.out, "search", finished.fingerprint(
+        cfg, **{f"{k}.created_at": finished.input_identity(getattr(cfg, k)) for k in inputs}), cfg.overwrite)
+    if claim.finished:
+        log.info("%s already holds this search; nothing to do", cfg.out)
+        return claim.manifest
     if cfg.torch_threads:
         import torch
 
@@ -337,6 +339,7 @@ def search(cfg: SearchConfig) -> storage.Manifest:
         stats=stats,
         parts=["run.trec", "run.parquet"],
         timings={"total_seconds": round(time.perf_counter() - t0, 3)},
+        fingerprint=claim.fingerprint,
     )
     log.info("%s run of %d queries written to %s (%.2f ms/query)", mode, len(run), cfg.out, latency["total"])
     return m

@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd import storage
+from raykd import finished, storage
 from raykd.config import field
 from raykd.errors import UserError
 from raykd.log import configure as configure_console
@@ -75,10 +75,10 @@ class TrainConfig:
     student: str = field("bert_dot", help="Student architecture: bert_dot, bert_cat, colbert, prettr or tk.")
     init: str | None = field(None, help="Hub name or path the student starts from (TK: its word embeddings).")
     loss: str = field("margin_mse", help="Loss: margin_mse, mse, ranknet, labels (no teacher), tct, ...")
-    out: str | None = field(None, help="Output URI: checkpoints, final model, metrics, manifest.")
+    out: str | None = field(None, help="Output URI: checkpoints, final model, metrics, manifest.", fingerprint=False)
     workers: int = field(2, help="Ray Train workers (DDP processes; one per GPU on a cluster).")
-    use_gpu: bool = field(False, help="One GPU per worker; bf16 autocast.", flag="--use-gpu/--no-gpu")
-    cpus_per_worker: float = field(0.5, help="CPUs per worker (fractional is fine; whole CPUs can starve reads).")
+    use_gpu: bool = field(False, help="One GPU per worker; bf16 autocast.", flag="--use-gpu/--no-gpu", fingerprint=False)
+    cpus_per_worker: float = field(0.5, help="CPUs per worker (fractional is fine; whole CPUs can starve reads).", fingerprint=False)
     batch_size: int = field(32, help="Triples per worker per micro-batch.")
     grad_accum: int = field(1, help="Micro-batches per optimizer step.")
     steps: int | None = field(None, help="Optimizer steps in total (unset: from epochs).")
@@ -88,23 +88,25 @@ class TrainConfig:
     warmup_steps: int = field(0, help="Linear warm-up steps, then linear decay to 0.")
     clip_norm: float = field(1.0, help="Gradient clipping max norm (0: off).")
     seed: int = field(42, help="Seed of model heads, data order and validation candidates.")
-    checkpoint_every: int = field(500, help="Checkpoint every N optimizer steps (and at the end).")
-    keep_checkpoints: int = field(2, help="Keep the last N checkpoints.")
+    checkpoint_every: int = field(500, help="Checkpoint every N optimizer steps (and at the end).", fingerprint=False)
+    keep_checkpoints: int = field(2, help="Keep the last N checkpoints.", fingerprint=False)
     validate_every: int | None = field(None, help="Validate every N steps (unset: at checkpoints).")
     val_split: str = field("dev", help="Query split of the store used for validation.")
     val_queries: int = field(100, help="Validation queries (0: no validation).")
     val_negatives: int = field(29, help="Random corpus negatives per validation query.")
-    log_every: int = field(10, help="Report metrics every N steps.")
-    max_failures: int = field(3, help="Worker failures to recover from (restarting from the last checkpoint).")
+    log_every: int = field(10, help="Report metrics every N steps.", fingerprint=False)
+    max_failures: int = field(3, help="Worker failures to recover from (restarting from the last checkpoint).", fingerprint=False)
     bf16: bool = field(True, help="bf16 autocast on GPU.")
     shuffle_buffer: int = field(2000, help="Local shuffle buffer (rows) per worker; 0: off.")
-    data_workers: int = field(1, help="Actors attaching texts to the triples.")
-    torch_threads: int | None = field(None, help="torch threads per worker (unset: max(1, cpus_per_worker)).")
+    data_workers: int = field(1, help="Actors attaching texts to the triples.", fingerprint=False)
+    torch_threads: int | None = field(None, help="torch threads per worker (unset: max(1, cpus_per_worker)).", fingerprint=False)
     query_max_length: int | None = field(None, help="Student query max tokens (unset: the student's).")
     passage_max_length: int | None = field(None, help="Student passage max tokens (unset: the student's).")
     student_options: dict = field({}, help="Architecture options, e.g. pooling=mean, split_layer=3, dim=128.")
     loss_options: dict = field({}, help="Options of the loss, e.g. TCT's tau=0.25, gamma=0.1, mode=inbatch.")
     teacher: str | None = field(None, help="A teacher run inside the loop (losses that need one, e.g. tct).")
+    overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
+                            fingerprint=False)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -500,10 +502,13 @@ def train(cfg: TrainConfig) -> storage.Manifest:
                               teacher=storage.absolute_model(cfg.teacher))
 
     spec = _check_config(cfg)
-    if storage.has_manifest(cfg.out):
-        m = storage.read_manifest(cfg.out, stage="train", format=FORMAT)
+    # the same fingerprint resumes from the latest checkpoint in ray_train/ (Ray Train restores it by run name)
+    claim = finished.claim(cfg.out, "train", finished.fingerprint(cfg, **{
+        f"{k}.created_at": finished.input_identity(getattr(cfg, k)) for k in ("data", "scores", "init", "teacher")}),
+        cfg.overwrite)
+    if claim.finished:
         log.info("%s is already a finished training output; nothing to do", cfg.out)
-        return storage.Manifest(**{k: m[k] for k in storage.Manifest.__dataclass_fields__ if k in m})
+        return claim.manifest
     t0 = time.time()
     TextStore(cfg.data)  # fails early on an unfinished store
     scores = TripleScores(cfg.scores) if spec.needs_scores or cfg.scores else None
@@ -586,4 +591,5 @@ def train(cfg: TrainConfig) -> storage.Manifest:
         },
         parts=["model/" + f for f in files] + ["metrics.jsonl"],
         timings={"total_s": time.time() - t0},
+        fingerprint=claim.fingerprint,
     )
