@@ -30,6 +30,7 @@ models, losses): no Ray, no storage, no stages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -266,13 +267,13 @@ def run_peak(args, sizes: Sizes, device) -> dict:
             "tflops": 2 * n**3 / s / 1e12, "settings": f"--peak-n {n}"}
 
 
-def run_score(args, sizes: Sizes, device, tokenizer, peak: float) -> dict:
+def run_score(args, sizes: Sizes, device, tokenizer, peak: float, errors: dict) -> dict:
     rng = np.random.default_rng(0)
     rows = []
     for name, spec in sizes.teachers.items():
         if not args.only_teachers or name in args.only_teachers:
-            rows += _score_teacher(name, spec, sizes, device, tokenizer, peak, rng)
-            _free(device)
+            with _isolated(f"score:{name}", errors, device):
+                rows += _score_teacher(name, spec, sizes, device, tokenizer, peak, rng)
     return {"rows": rows, "t2": _t2_estimate(rows, peak)}
 
 
@@ -413,15 +414,19 @@ def _train_student(kind: str, sizes: Sizes, device, tokenizer, rng, autocast: bo
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def run_train(args, sizes: Sizes, device, tokenizer, peak: float) -> dict:
+def run_train(args, sizes: Sizes, device, tokenizer, peak: float, errors: dict) -> dict:
     rng = np.random.default_rng(1)
     autocast = device.type == "cuda"
     rows = []
     for kind in ("bert_dot", "colbert", "prettr", "tk", "tct"):
         if args.only_students and kind not in args.only_students:
             continue
-        row = tct_step(sizes, device, tokenizer, rng, autocast) if kind == "tct" else \
-            _train_student(kind, sizes, device, tokenizer, rng, autocast)
+        row = None
+        with _isolated(f"train:{kind}", errors, device):
+            row = tct_step(sizes, device, tokenizer, rng, autocast) if kind == "tct" else \
+                _train_student(kind, sizes, device, tokenizer, rng, autocast)
+        if row is None:
+            continue
         b = sizes.train_batch
         row.update({"batch": b, "triples_per_s": b / row["s_per_step"],
                     "tflops_real": row["flops_real"] / row["s_per_step"] / 1e12,
@@ -665,6 +670,18 @@ def _top(prof, device, n: int = 12) -> list:
 # output
 
 
+@contextlib.contextmanager
+def _isolated(what: str, errors: dict, device):
+    """Run one model's figures; a failure is recorded under ``errors[what]`` and the others still run."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - one failing model must not lose the others' figures
+        traceback.print_exc()
+        errors[what] = f"{type(e).__name__}: {e}"
+    finally:
+        _free(device)
+
+
 def _free(device) -> None:
     import gc
 
@@ -805,9 +822,9 @@ def main(argv=None) -> int:
                     peak = result["peak"]["tflops"]
                     _print_row("peak", result["peak"])
                 elif section == "score":
-                    result["score"] = run_score(args, sizes, device, tokenizer, peak)
+                    result["score"] = run_score(args, sizes, device, tokenizer, peak, result["errors"])
                 elif section == "train":
-                    result["train"] = run_train(args, sizes, device, tokenizer, peak)
+                    result["train"] = run_train(args, sizes, device, tokenizer, peak, result["errors"])
                 elif section == "encode":
                     result["encode"] = run_encode(args, sizes, device, tokenizer, peak)
                 elif section == "search":
