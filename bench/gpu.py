@@ -52,6 +52,7 @@ from raykd.batching import Ragged, batch_order, pad_rows, score_block  # noqa: E
 
 SECTIONS = ("peak", "score", "train", "encode", "search", "profile")
 DEV_QUERIES, MSMARCO_PASSAGES = 6_980, 8_841_823
+SPEC_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}  # dense, the data sheets
 UNIQUE_PAIRS_T2 = 40_200_000  # unique (query, passage) pairs of MS MARCO's 39.8M training triples
 
 
@@ -263,8 +264,13 @@ def run_peak(args, sizes: Sizes, device) -> dict:
     b = torch.randn(n, n, device=device, dtype=dtype)
     iters = 20 if device.type == "cuda" else 3
     s = timed(lambda: a @ b, device, iters, warmup=3 if device.type == "cuda" else 1)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "iters": iters, "s_per_matmul": s,
-            "tflops": 2 * n**3 / s / 1e12, "settings": f"--peak-n {n}"}
+    out = {"n": n, "dtype": str(dtype).removeprefix("torch."), "iters": iters, "s_per_matmul": s,
+           "tflops": 2 * n**3 / s / 1e12, "settings": f"--peak-n {n}"}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        spec = next((v for k, v in SPEC_BF16_TFLOPS.items() if k in name), None)
+        out.update(spec_tflops=spec, measured_over_spec=out["tflops"] / spec if spec else None)
+    return out
 
 
 def run_score(args, sizes: Sizes, device, tokenizer, peak: float, errors: dict) -> dict:
@@ -704,7 +710,10 @@ def _print_row(section: str, row: dict) -> None:
 def print_tables(result: dict) -> None:
     peak = result.get("peak", {})
     if "tflops" in peak:
-        print(f"\n## peak: {peak['n']}^3 {peak['dtype']} matmul {peak['tflops']:.3g} TFLOP/s")
+        spec = f" ({peak['measured_over_spec']:.1%} of the data sheet's {peak['spec_tflops']})" \
+            if peak.get("spec_tflops") else ""
+        print(f"\n## peak: {peak['n']}^3 {peak['dtype']} matmul {peak['tflops']:.3g} TFLOP/s{spec}; fractions below "
+              "are of this measured peak")
     score = result.get("score", {})
     if score.get("rows"):
         print("\n## score (teacher forward via raykd.batching.score_block)\n")
