@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from raykd import storage
 from raykd.errors import UserError
 from raykd.models.base import RankingModel
 
@@ -57,6 +56,8 @@ def _check_path(name_or_path: str) -> str:
     """``name_or_path`` as a local path or hub id; a local-looking path that does not exist is a UserError.
     An ``s3://`` folder is downloaded once to a local cache (:func:`raykd.storage.local_dir`)."""
     if str(name_or_path).startswith("s3://"):
+        from raykd import storage  # here: bench/gpu.py imports this module without storage
+
         try:
             return storage.local_dir(str(name_or_path))
         except FileNotFoundError:
@@ -157,25 +158,10 @@ class CrossEncoderTokenizer:
     def collate(self, features: dict[str, Sequence[Sequence[int]]], pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
         """Pad a batch of :meth:`tokenize_unpadded` output to its longest sequence (rounded up to a multiple of
         ``pad_to_multiple_of``) and add the attention mask."""
-        ids = features["input_ids"]
-        n = len(ids)
-        longest = max((len(x) for x in ids), default=0)
-        if pad_to_multiple_of and longest % pad_to_multiple_of:
-            longest += pad_to_multiple_of - longest % pad_to_multiple_of
-        pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        types = torch.zeros((n, longest), dtype=torch.long) if "token_type_ids" in features else None
-        for i, x in enumerate(ids):
-            k = len(x)
-            input_ids[i, :k] = torch.as_tensor(list(x), dtype=torch.long)
-            mask[i, :k] = 1
-            if types is not None:
-                types[i, :k] = torch.as_tensor(list(features["token_type_ids"][i]), dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": mask}
-        if types is not None:
-            out["token_type_ids"] = types
-        return out
+        from raykd.batching import collate
+
+        return collate(features["input_ids"], features.get("token_type_ids"), self.tokenizer.pad_token_id or 0,
+                       pad_to_multiple_of)
 
     def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.collate(self.tokenize_unpadded(queries, passages))

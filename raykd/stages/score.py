@@ -260,9 +260,9 @@ def _tokenizer(teacher: str, path: str, qlen: int, plen: int) -> TokenizePairs:
 
 
 class TeacherScorer:
-    """Actor body: loads one teacher and only runs it. Each block is sorted by length and cut into forward
-    passes of ``batch_size`` pairs; outputs ``score__<t>``, ``len__<t>`` (real tokens) and ``padlen__<t>``
-    (the padded length of the pair's forward pass)."""
+    """Actor body: loads one teacher and only runs it through :func:`raykd.batching.score_block` (each block
+    sorted by length and cut into forward passes of ``batch_size`` pairs); outputs ``score__<t>``,
+    ``len__<t>`` (real tokens) and ``padlen__<t>`` (the padded length of the pair's forward pass)."""
 
     def __init__(self, teacher: str, path: str, query_max_length: int, passage_max_length: int,
                  batch_size: int, torch_threads: int = 1, kill_hook: str | None = None):
@@ -279,30 +279,17 @@ class TeacherScorer:
         self.kill_hook, self.blocks = kill_hook, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
+        from raykd.batching import score_block
 
         t = self.teacher
-        ids = batch[f"ids__{t}"].to_pylist()
-        types = batch[f"types__{t}"].to_pylist()
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-        order = np.argsort(lengths, kind="stable")
-        scores = np.empty(len(ids), dtype=np.float32)
-        padlen = np.empty(len(ids), dtype=np.int32)
-        with torch.inference_mode():
-            for a in range(0, len(order), self.batch_size):
-                idx = order[a : a + self.batch_size]
-                feats = {"input_ids": [ids[i] for i in idx]}
-                if types and types[0]:
-                    feats["token_type_ids"] = [types[i] for i in idx]
-                inputs = self.model.collate(feats)
-                out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-                scores[idx] = out.float().cpu().numpy()
-                padlen[idx] = inputs["input_ids"].shape[1]
+        out = score_block(self.model, batch[f"ids__{t}"], batch[f"types__{t}"], batch_size=self.batch_size,
+                          pad_id=self.model.tokenizer.pad_token_id or 0, device=self.device)
         self.blocks += 1
         self._maybe_die()
         keep = [c for c in batch.column_names if c not in (f"ids__{t}", f"types__{t}")]
-        return (batch.select(keep).append_column(f"score__{t}", pa.array(scores))
-                .append_column(f"len__{t}", pa.array(lengths)).append_column(f"padlen__{t}", pa.array(padlen)))
+        return (batch.select(keep).append_column(f"score__{t}", pa.array(out.scores))
+                .append_column(f"len__{t}", pa.array(out.lengths))
+                .append_column(f"padlen__{t}", pa.array(out.padded_lengths)))
 
     def _maybe_die(self) -> None:
         """Test hook: a real SIGKILL of this actor process, once (a marker file remembers it happened)."""
