@@ -317,6 +317,25 @@ def test_errors_deep_in_many_blocks_name_their_line(tmp_path, monkeypatch):
     assert s.triples().num_rows == m.counts["triples"] and len(s.corpus_parts()) == 3
 
 
+def test_a_failed_run_commits_only_whole_parts_and_resumes_after_the_fix(tmp_path, monkeypatch):
+    from raykd.formats import lines
+
+    monkeypatch.setattr(lines, "BLOCK_BYTES", 300)
+    raw = _tiny_raw(tmp_path)
+    coll = [f"{i}\tpassage {i}" for i in range(1, 3001)]
+    coll[2499] = "x2500\tbad id"
+    _write(raw / "collection.tsv", "\n".join(coll) + "\n")
+    cfg = PrepareConfig(msmarco=str(raw), out=str(tmp_path / "out"), part_rows=1000)
+    with pytest.raises(FormatError, match="line 2500"):
+        prepare(cfg)
+    assert sorted(p.name for p in (tmp_path / "out" / "corpus").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    coll[2499] = "2500\tpassage 2500"
+    _write(raw / "collection.tsv", "\n".join(coll) + "\n")
+    m = prepare(cfg)
+    assert m.counts["corpus_parts_resumed"] == 2 and m.counts["corpus"] == 3000
+    assert TextStore(str(tmp_path / "out")).corpus()["pid"].to_pylist() == list(range(1, 3001))
+
+
 def test_full_id_triples_only_when_named(tmp_path):
     raw = _tiny_raw(tmp_path)
     full = raw / "qidpidtriples.train.full.2.tsv"

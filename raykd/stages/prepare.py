@@ -154,6 +154,12 @@ class _PartWriter:
         finally:
             self._pool.shutdown(wait=True)
 
+    def abort(self) -> None:
+        """After an error: let the full parts in flight finish, never commit the short remainder (a re-run
+        would take it for a finished part and skip it)."""
+        self.pending, self.pending_rows = [], 0
+        self._pool.shutdown(wait=True)
+
 
 def prepare(cfg: PrepareConfig) -> storage.Manifest:
     """Run the prepare stage; returns its manifest (the existing one if the output is already finished)."""
@@ -279,8 +285,10 @@ class _Prepare:
                 for first, block in open_blocks(uri):
                     n = self._collection_block(uri, first, block, writer)
                     progress.update(n)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         if self.beir:
             self.pids.add_chunk(np.arange(len(self.doc_pid), dtype=np.int64))
         if writer.count == 0:
@@ -483,8 +491,10 @@ class _Prepare:
                         t, lines = self._id_triples_lines(uri, first, block)
                 writer.add(self._checked_triples(uri, first, block, t, lines))
                 progress.update(block.count(b"\n") + (not block.endswith(b"\n")))
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         self.counts["triples"] = writer.count
         self.counts["triples_parts_resumed"] = writer.skipped
         self.counts["triples_format"] = "text" if self.text_triples else "ids"
