@@ -12,12 +12,19 @@ Files written (MS MARCO's official names, tab-separated, UTF-8):
 ``collection.tsv`` (pid, text), ``queries.train.tsv`` / ``queries.dev.small.tsv`` (qid, text),
 ``qrels.train.tsv`` / ``qrels.dev.small.tsv`` (qid 0 pid 1), ``qidpidtriples.train.small.tsv``
 (qid, pos_pid, neg_pid) and, with ``text_triples``, ``triples.train.small.tsv`` (query, pos, neg).
+
+``preset="msmarco-full"`` writes MS MARCO's shape at full size instead (or a ``scale`` of it), streaming: see
+:func:`write_msmarco_full`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raykd import storage
 from raykd.config import field
@@ -55,6 +62,10 @@ class SampleSpec:
                                                                "(BM25 misses it).")
     passage_words: tuple[int, int] = field((20, 45), help="Words per passage (min, max).")
     text_triples: bool = field(False, help="Also write text triples (triples.train.small.tsv).")
+    preset: str = field("demo", help="demo: the sizes above; msmarco-full: MS MARCO's sizes and file names, "
+                                     "streamed (times --scale).", choices=["demo", "msmarco-full"])
+    scale: float = field(1.0, help="msmarco-full only: the fraction of MS MARCO's sizes to write (0.01: 88,418 "
+                                   "passages).")
     extra: dict = field({}, help="Free-form KEY=VALUE notes kept with the spec (the generator ignores them).")
 
 
@@ -153,6 +164,10 @@ def generate(spec: SampleSpec) -> dict[str, list]:
 def write_sample(out_uri: str, spec: SampleSpec | None = None) -> dict[str, int]:
     """Write the sample's raw files under ``out_uri`` (local or s3://). Returns row counts per file."""
     spec = spec or SampleSpec()
+    if spec.preset == "msmarco-full":
+        return write_msmarco_full(out_uri, spec)
+    if spec.preset != "demo":
+        raise ValueError(f"unknown sample preset {spec.preset!r}: expected 'demo' or 'msmarco-full'")
     rows = generate(spec)
     storage.makedirs(out_uri)
 
@@ -174,4 +189,202 @@ def write_sample(out_uri: str, spec: SampleSpec | None = None) -> dict[str, int]
         counts["triples.train.small.tsv"] = tsv(
             "triples.train.small.tsv", [(q[a], p[b], p[c]) for a, b, c in rows["triples"]]
         )
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------ msmarco-full
+# MS MARCO passage ranking's sizes (v1): collection.tsv, queries.train.tsv, qrels.train.tsv (532,761 judgements of
+# 502,939 queries), the small training triples (39,780,811 rows over ~400K queries, ~100 negatives each),
+# queries.dev.small.tsv and qrels.dev.small.tsv (7,437 judgements of 6,980 queries)
+MSMARCO_SIZES = {
+    "passages": 8_841_823,
+    "train_queries": 808_731,
+    "train_judged_queries": 502_939,
+    "train_qrels": 532_761,
+    "triple_queries": 400_000,
+    "triples": 39_780_811,
+    "dev_queries": 6_980,
+    "dev_qrels": 7_437,
+}
+# words per passage: MS MARCO's are ~56 on average (sd ~25, 2 to ~200): a log-normal with that mean and sd,
+# rounded and clipped to [2, 200]; words per query ~6: 1 + Poisson(5), clipped to [2, 20]
+PASSAGE_WORDS_MEAN, PASSAGE_WORDS_SD, PASSAGE_WORDS_RANGE = 56.0, 25.0, (2, 200)
+QUERY_WORDS_POISSON, QUERY_WORDS_RANGE = 5.0, (2, 20)
+FULL_LEXICON_SIZE = 50_000
+ZIPF_EXPONENT = 1.0
+FUNCTION_WORDS = 100  # the most frequent ranks; query words are drawn from the rest
+PASSAGE_BLOCK = 100_000
+QUERY_BLOCK = 20_000
+
+
+def full_lexicon(n: int = FULL_LEXICON_SIZE) -> list[str]:
+    """``n`` pseudo-words in frequency-rank order: the 2-syllable words first (frequent words are short), then
+    3-syllable ones; fixed, independent of any seed."""
+    syl = [c + v for c in CONSONANTS for v in VOWELS]
+    rng = np.random.default_rng(1234)
+    two = [syl[i // len(syl)] + syl[i % len(syl)] for i in rng.permutation(len(syl) ** 2)]
+    picked = rng.choice(len(syl) ** 3, size=max(0, n - len(two)), replace=False)
+    three = [syl[i // len(syl) ** 2] + syl[i // len(syl) % len(syl)] + syl[i % len(syl)] for i in picked]
+    return (two + three)[:n]
+
+
+def _scaled(scale: float) -> dict[str, int]:
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    n = {k: max(1, round(v * scale)) for k, v in MSMARCO_SIZES.items()}
+    n["train_judged_queries"] = min(n["train_judged_queries"], n["train_queries"])
+    n["train_qrels"] = min(max(n["train_qrels"], n["train_judged_queries"]), 2 * n["train_judged_queries"])
+    n["triple_queries"] = min(n["triple_queries"], n["train_judged_queries"])
+    n["triples"] = max(n["triples"], n["triple_queries"])
+    n["dev_qrels"] = min(max(n["dev_qrels"], n["dev_queries"]), 2 * n["dev_queries"])
+    if n["passages"] < n["train_qrels"] + n["dev_qrels"] + 1:
+        raise ValueError(f"scale {scale} is too small: fewer passages than judgements")
+    return n
+
+
+def _lines(*columns: pa.Array) -> memoryview:
+    """The bytes of ``col1<TAB>col2...<NEWLINE>`` for every row, joined in C++ (no Python loop per row)."""
+    cols = [c if pa.types.is_string(c.type) else pc.cast(c, pa.string()) for c in columns]
+    lines = pc.binary_join_element_wise(pc.binary_join_element_wise(*cols, "\t"), pa.array([""] * len(cols[0])), "\n")
+    off = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
+    return memoryview(lines.buffers()[2])[off[0] : off[-1]]
+
+
+class _Words:
+    """Texts from word ids: Zipf-distributed draws over :func:`full_lexicon`, joined in C++. A draw looks up a
+    table of the inverse CDF at 2^22 points (every word gets >= 7 slots: exact enough, and ~10x faster than a
+    binary search per word)."""
+
+    TABLE = 1 << 22
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.lexicon = pa.array(full_lexicon())
+        w = 1.0 / np.arange(1, len(self.lexicon) + 1) ** ZIPF_EXPONENT
+        self.table = self._inverse_cdf(w)
+        self.query_table = self._inverse_cdf(w[FUNCTION_WORDS:]) + FUNCTION_WORDS
+
+    def _inverse_cdf(self, w: np.ndarray) -> np.ndarray:
+        ends = np.rint(np.cumsum(w) / w.sum() * self.TABLE).astype(np.int64)
+        return np.repeat(np.arange(len(w), dtype=np.int32), np.diff(ends, prepend=0))
+
+    def draw(self, n: int, query: bool = False) -> np.ndarray:
+        return (self.query_table if query else self.table)[self.rng.integers(0, self.TABLE, n, dtype=np.int32)]
+
+    def texts(self, ids: np.ndarray, lengths: np.ndarray) -> pa.Array:
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        words = pa.ListArray.from_arrays(pa.array(offsets), self.lexicon.take(pa.array(ids)))
+        return pc.binary_join(words, " ")
+
+
+def _lengths(rng: np.random.Generator, n: int, query: bool = False) -> np.ndarray:
+    if query:
+        lo, hi = QUERY_WORDS_RANGE
+        return np.clip(1 + rng.poisson(QUERY_WORDS_POISSON, n), lo, hi).astype(np.int32)
+    sigma2 = np.log(1 + (PASSAGE_WORDS_SD / PASSAGE_WORDS_MEAN) ** 2)
+    mu = np.log(PASSAGE_WORDS_MEAN) - sigma2 / 2
+    lo, hi = PASSAGE_WORDS_RANGE
+    return np.clip(np.rint(rng.lognormal(mu, np.sqrt(sigma2), n)), lo, hi).astype(np.int32)
+
+
+def write_msmarco_full(out_uri: str, spec: SampleSpec) -> dict[str, int]:
+    """MS MARCO passage ranking's shape at full size (``spec.scale`` = 1) or a fraction of it, streamed to
+    ``out_uri`` (local or s3://) a block at a time: the collection is never held in memory (what is held: one
+    int32 a passage marking the positives, and the queries' word ids).
+
+    Files: ``collection.tsv`` (pids 0..N-1 in order, like MS MARCO's), ``queries.train.tsv``,
+    ``qrels.train.tsv`` (some queries judged twice, none for ~38% of train queries, as in MS MARCO),
+    ``qidpidtriples.train.small.tsv`` (the id version of MS MARCO's small triples: every triple query with
+    ~100 negatives), ``queries.dev.small.tsv``, ``qrels.dev.small.tsv``. A judged passage contains every word
+    of its query (relevance is planted, so BM25 finds it); negatives are drawn uniformly from the collection.
+    Deterministic per seed and scale. Returns row counts per file."""
+    if spec.text_triples:
+        raise ValueError("text triples at msmarco-full size are ~27 GB of passage text; use the id triples")
+    n = _scaled(spec.scale)
+    rng = np.random.default_rng(spec.seed)
+    words = _Words(rng)
+    storage.makedirs(out_uri)
+    counts: dict[str, int] = {}
+
+    # queries: train (first the judged ones, of which the first are in the triples), then dev; ids are random
+    n_q = n["train_queries"] + n["dev_queries"]
+    qids = rng.choice(max(2 * n_q, round(1_200_000 * spec.scale)), size=n_q, replace=False).astype(np.int64)
+    qlen = _lengths(rng, n_q, query=True)
+    qoff = np.zeros(n_q + 1, dtype=np.int64)
+    np.cumsum(qlen, out=qoff[1:])
+    qwords = words.draw(int(qoff[-1]), query=True)
+    # judgements: (query index, pid); each judged query once, the first few twice; pids distinct
+    tr, dv = n["train_queries"], n["dev_queries"]
+    judged = np.concatenate(
+        [
+            np.arange(n["train_judged_queries"]),
+            np.arange(n["train_qrels"] - n["train_judged_queries"]),
+            tr + np.arange(dv),
+            tr + np.arange(n["dev_qrels"] - dv),
+        ]
+    )
+    judged_pid = rng.permutation(n["passages"])[: len(judged)].astype(np.int64)
+    query_of_pid = np.full(n["passages"], -1, dtype=np.int32)
+    query_of_pid[judged_pid] = judged
+
+    def write(name: str, blocks) -> None:
+        rows = 0
+        with storage.open_write_atomic(storage.join(out_uri, name)) as f:
+            for k, data in blocks:
+                f.write(data)
+                rows += k
+        counts[name] = rows
+
+    def passage_blocks():
+        for start in range(0, n["passages"], PASSAGE_BLOCK):
+            pids = np.arange(start, min(start + PASSAGE_BLOCK, n["passages"]), dtype=np.int64)
+            lengths = _lengths(rng, len(pids))
+            q = query_of_pid[pids]
+            planted = np.flatnonzero(q >= 0)
+            lengths[planted] = np.maximum(lengths[planted], qlen[q[planted]] + 1)
+            off = np.zeros(len(pids) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=off[1:])
+            ids = words.draw(int(off[-1]))
+            # a positive holds its query's words at spread positions (distinct: the passage is longer)
+            k = qlen[q[planted]]
+            row = np.repeat(planted, k)
+            j = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+            u = np.repeat(rng.random(len(planted)), k)
+            kk = np.repeat(k, k)
+            pos = off[row] + ((j + u) * lengths[row] / kk).astype(np.int64)
+            ids[pos] = qwords[qoff[q[row]] + j]
+            yield len(pids), _lines(pa.array(pids), words.texts(ids, lengths))
+
+    def query_blocks(lo: int, hi: int):
+        for start in range(lo, hi, QUERY_BLOCK):
+            idx = np.arange(start, min(start + QUERY_BLOCK, hi))
+            ids = np.concatenate([qwords[qoff[i] : qoff[i + 1]] for i in idx]) if len(idx) else np.empty(0, np.int32)
+            yield len(idx), _lines(pa.array(qids[idx]), words.texts(ids, qlen[idx]))
+
+    def qrels_blocks(lo: int, hi: int):
+        sel = (judged >= lo) & (judged < hi)
+        q, p = qids[judged[sel]], judged_pid[sel]
+        zeros, ones = pa.array(np.zeros(len(q), np.int64)), pa.array(np.ones(len(q), np.int64))
+        yield len(q), _lines(pa.array(q), zeros, pa.array(p), ones)
+
+    def triple_blocks():
+        nq, total = n["triple_queries"], n["triples"]
+        per = np.full(nq, total // nq, dtype=np.int64)
+        per[: total % nq] += 1
+        first_pid = judged_pid[:nq]  # the triple queries are the first judged ones: their first positive
+        for start in range(0, nq, QUERY_BLOCK):
+            idx = np.arange(start, min(start + QUERY_BLOCK, nq))
+            q = np.repeat(qids[idx], per[idx])
+            p = np.repeat(first_pid[idx], per[idx])
+            neg = rng.integers(0, n["passages"], len(q), dtype=np.int64)
+            neg = np.where(neg == p, (neg + 1) % n["passages"], neg)
+            yield len(q), _lines(pa.array(q), pa.array(p), pa.array(neg))
+
+    write("collection.tsv", passage_blocks())
+    write("queries.train.tsv", query_blocks(0, tr))
+    write("queries.dev.small.tsv", query_blocks(tr, tr + dv))
+    write("qrels.train.tsv", qrels_blocks(0, tr))
+    write("qrels.dev.small.tsv", qrels_blocks(tr, tr + dv))
+    write("qidpidtriples.train.small.tsv", triple_blocks())
     return counts

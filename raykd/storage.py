@@ -20,6 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,34 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextmanager
+def open_write_atomic(uri: str, block_size: int = 64 << 20) -> Iterator[Any]:
+    """A binary file to stream into, which appears at ``uri`` whole when the block ends, or not at all if it
+    raises: locally a hidden temporary file renamed into place, on S3 a multipart upload that is aborted."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        f = fs.open(path, "wb", block_size=block_size)
+        try:
+            yield f
+        except BaseException:
+            f.discard()
+            f.closed = True
+            raise
+        f.close()
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb", buffering=block_size) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_parquet_atomic(table: pa.Table, uri: str, compression: str = "zstd") -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from raykd import storage
-from raykd.errors import FormatError
+from raykd.errors import FormatError, UserError
 from raykd.formats.store import TextStore
 from raykd.sample import SampleSpec, generate, write_sample
 from raykd.stages.prepare import PrepareConfig, prepare
@@ -231,3 +231,119 @@ def test_killed_prepare_resumes_without_duplicates(tmp_path):
     assert resumed.triples().equals(fresh.triples()) and resumed.corpus().equals(fresh.corpus())
     assert resumed.triples().num_rows == 60000
     shutil.rmtree(raw)
+
+
+# ------------------------------------------------------------------------------------------------ reading at scale
+
+
+def test_uncompressed_s3_input_is_read_in_blocks_not_lines(s3_uri, monkeypatch):
+    """An uncompressed s3:// file is read in a bounded number of large reads and GET requests, not one per line
+    (an unbuffered readline loop fetched a read-ahead block per line: hours for collection.tsv)."""
+    import s3fs
+
+    from raykd.formats import lines
+
+    text = "".join(f"{i}\tpassage number {i} with some words\n" for i in range(20_000))
+    uri = storage.join(s3_uri, "collection.tsv")
+    storage.write_bytes_atomic(uri, text.encode())
+    calls = {"read": 0, "fetch": 0}
+    real_open, real_fetch = storage.open_read, s3fs.core.S3File._fetch_range
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            attr = getattr(self.f, name)
+            if name.startswith("read"):
+                def counted(*a, **kw):
+                    calls["read"] += 1
+                    return attr(*a, **kw)
+                return counted
+            return attr
+
+    def fetch(self, start, end):
+        calls["fetch"] += 1
+        return real_fetch(self, start, end)
+
+    monkeypatch.setattr(storage, "open_read", lambda u, mode="rb": Counted(real_open(u, mode)))
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", fetch)
+    monkeypatch.setattr(lines, "BLOCK_BYTES", 1 << 16)
+    got = list(lines.open_text_lines(uri))
+    assert [ln for ln, _ in got] == list(range(1, 20_001))
+    assert "".join(line + "\n" for _, line in got) == text
+    blocks = len(text) // (1 << 16) + 1  # 12 blocks of 64 KiB for 20,000 lines
+    assert calls["read"] <= blocks + 2 and calls["fetch"] <= blocks + 2, calls
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_utf8_byte_order_mark_is_skipped(tmp_path, gz):
+    raw = _tiny_raw(tmp_path)
+    for name in ("collection.tsv", "queries.train.tsv"):
+        data = b"\xef\xbb\xbf" + (raw / name).read_bytes()
+        (raw / name).unlink()
+        _write(raw / (name + ".gz" if gz else name), gzip.compress(data) if gz else data)
+    s = _store(raw, tmp_path)
+    assert s.corpus()["pid"].to_pylist() == [1, 2]
+    assert s.queries("train")["qid"].to_pylist() == [5]
+
+
+def test_errors_deep_in_many_blocks_name_their_line(tmp_path, monkeypatch):
+    """Blocks parse at once; the block holding a bad line is re-read line by line, so the error names the
+    line, in strict and lenient mode, whatever block it falls in."""
+    from raykd.formats import lines
+
+    monkeypatch.setattr(lines, "BLOCK_BYTES", 300)
+    raw = _tiny_raw(tmp_path)
+    coll = [f"{i}\tpassage {i}" for i in range(1, 3001)]
+    _write(raw / "collection.tsv", "\n".join(coll) + "\n")
+    triples = [f"5\t{1 + i % 3000}\t{1 + (i * 7) % 3000}" for i in range(10_000)]
+    triples[7776] = "5\t1\t999999"  # line 7777: a passage that does not exist
+    _write(raw / "qidpidtriples.train.small.tsv", "\n".join(triples) + "\n")
+    with pytest.raises(FormatError, match=r"qidpidtriples.train.small.tsv, line 7777: passage 999999 does not exist"):
+        prepare(PrepareConfig(msmarco=str(raw), out=str(tmp_path / "strict")))
+    coll[2499] = "x2500\tbad id"
+    _write(raw / "collection.tsv", "\n".join(coll))  # and no newline at the end
+    with pytest.raises(FormatError, match=r"collection.tsv, line 2500: pid must be an integer, got 'x2500'"):
+        prepare(PrepareConfig(msmarco=str(raw), out=str(tmp_path / "strict2")))
+    m = prepare(PrepareConfig(msmarco=str(raw), out=str(tmp_path / "lenient"), lenient=True, part_rows=1000))
+    bad = {ln: t for ln, t in enumerate(triples, 1) if {"2500", "999999"} & set(t.split("\t")[1:])}
+    assert m.counts["corpus"] == 2999 and m.counts["triples"] == 10_000 - len(bad) and 7777 in bad
+    q = (tmp_path / "lenient" / "quarantine" / "qidpidtriples.train.small.tsv.tsv").read_text().splitlines()
+    assert [(int(r.split("\t")[0]), r.split("\t", 2)[2]) for r in q[1:]] == [(ln, t.replace("\t", " ")) for ln, t in sorted(bad.items())]
+    assert "7777\tpassage 999999 does not exist in the corpus\t5 1 999999" in q
+    s = TextStore(str(tmp_path / "lenient"))
+    assert s.corpus()["pid"].to_pylist() == [i for i in range(1, 3001) if i != 2500]
+    assert s.triples().num_rows == m.counts["triples"] and len(s.corpus_parts()) == 3
+
+
+def test_a_failed_run_commits_only_whole_parts_and_resumes_after_the_fix(tmp_path, monkeypatch):
+    from raykd.formats import lines
+
+    monkeypatch.setattr(lines, "BLOCK_BYTES", 300)
+    raw = _tiny_raw(tmp_path)
+    coll = [f"{i}\tpassage {i}" for i in range(1, 3001)]
+    coll[2499] = "x2500\tbad id"
+    _write(raw / "collection.tsv", "\n".join(coll) + "\n")
+    cfg = PrepareConfig(msmarco=str(raw), out=str(tmp_path / "out"), part_rows=1000)
+    with pytest.raises(FormatError, match="line 2500"):
+        prepare(cfg)
+    assert sorted(p.name for p in (tmp_path / "out" / "corpus").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    coll[2499] = "2500\tpassage 2500"
+    _write(raw / "collection.tsv", "\n".join(coll) + "\n")
+    m = prepare(cfg)
+    assert m.counts["corpus_parts_resumed"] == 2 and m.counts["corpus"] == 3000
+    assert TextStore(str(tmp_path / "out")).corpus()["pid"].to_pylist() == list(range(1, 3001))
+
+
+def test_full_id_triples_only_when_named(tmp_path):
+    raw = _tiny_raw(tmp_path)
+    full = raw / "qidpidtriples.train.full.2.tsv"
+    _write(full, "5\t1\t2\n5\t2\t1\n")
+    m = prepare(PrepareConfig(msmarco=str(raw), out=str(tmp_path / "both")))
+    assert m.inputs["triples"].endswith("qidpidtriples.train.small.tsv") and m.counts["triples"] == 1
+    (raw / "qidpidtriples.train.small.tsv").unlink()
+    with pytest.raises(UserError, match=r"397.8M rows.*--triples .*qidpidtriples.train.full.2.tsv"):
+        prepare(PrepareConfig(msmarco=str(raw), out=str(tmp_path / "full-only")))
+    m = prepare(PrepareConfig(msmarco=str(raw), out=str(tmp_path / "named"), triples=str(full)))
+    assert m.counts["triples"] == 2

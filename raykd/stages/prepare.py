@@ -2,9 +2,11 @@
 
 Writes the layout of :mod:`raykd.formats.store`: corpus and triples as Parquet parts of ``part_rows`` rows,
 queries and qrels per split, an optional quarantine, then ``manifest.json``. It streams: the collection and the
-triples are read line by line and written part by part, so neither needs to fit in memory (what is kept is the
-sorted array of passage ids, 8 bytes a passage, to catch duplicates and check triples; text triples also need a
-hash of every passage text).
+id triples are read in blocks of whole lines (8 MiB), parsed a block at a time by pyarrow's multithreaded CSV
+reader and checked with numpy; a block the fast parser refuses is re-parsed line by line, so every error still
+names its file and line. Parts are written on a background thread while the next block parses. Memory is
+bounded by a few parts plus the sorted array of passage ids (8 bytes a passage) that catches duplicates and
+checks triples; text triples also need a hash of every passage text, and are parsed line by line.
 
 Parts are numbered by position in the input, so a re-run over the same inputs rewrites nothing that is already
 committed and can never duplicate rows: a killed run resumes.
@@ -14,16 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raykd import finished, storage
 from raykd.config import field
 from raykd.errors import FormatError, UserError
 from raykd.formats import raw
-from raykd.formats.lines import Quarantine, open_text_lines
+from raykd.formats.lines import Quarantine, block_lines, first_line, open_blocks, open_text_lines, raw_line
 from raykd.formats.store import CORPUS_SCHEMA, FORMAT, QRELS_SCHEMA, QUERIES_SCHEMA, TRIPLES_SCHEMA, VERSION
 from raykd.log import Progress, get_logger
 
@@ -41,7 +46,8 @@ class PrepareConfig:
                                                  "dl19=topics.dl19-passage.txt).", flag="--queries")
     extra_qrels: list[str] = field([], help="Extra qrels as SPLIT=FILE (TREC 4 columns or BEIR tsv).",
                                     flag="--qrels")
-    triples: str | None = field(None, help="Triples file (id or text triples) instead of the folder's own.")
+    triples: str | None = field(None, help="Triples file (id or text triples) instead of the folder's own; the only "
+                                           "way to use MS MARCO's qidpidtriples.train.full.2.tsv (397.8M rows).")
     part_rows: int = field(500_000, help="Rows per Parquet part of the corpus and of the triples.")
     lenient: bool = field(False, help="Quarantine bad rows (listed in quarantine/, counted) instead of failing.",
                           flag="--lenient/--strict")
@@ -74,12 +80,16 @@ class _IdSet:
     def add_chunk(self, ids: np.ndarray) -> np.ndarray:
         """Add ``ids``; returns a boolean mask of those that are duplicates (of earlier chunks or earlier in this
         chunk). Duplicates are not added twice."""
-        dup = np.isin(ids, self.ids)
+        dup = self.contains(ids)
         _, first = np.unique(ids, return_index=True)
         within = np.ones(len(ids), dtype=bool)
         within[first] = False
         dup |= within
-        self.ids = np.union1d(self.ids, ids[~dup])
+        new = np.sort(ids[~dup])
+        if len(new) and (len(self.ids) == 0 or new[0] > self.ids[-1]):
+            self.ids = np.concatenate([self.ids, new])  # ids ascending across chunks (MS MARCO's order): no re-sort
+        elif len(new):
+            self.ids = np.sort(np.concatenate([self.ids, new]), kind="stable")
         return dup
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
@@ -90,34 +100,67 @@ class _IdSet:
 
 
 class _PartWriter:
-    """Buffers rows and commits them as numbered Parquet parts; a part that already exists is skipped."""
+    """Cuts the tables it is given into numbered Parquet parts of ``part_rows`` rows (the last one shorter) and
+    commits them on one background thread, at most two in flight, so the next block parses while a part
+    compresses and uploads; a part that already exists is skipped."""
+
+    IN_FLIGHT = 2
 
     def __init__(self, uri: str, schema: pa.Schema, part_rows: int):
         self.uri, self.schema, self.part_rows = uri, schema, part_rows
-        self.rows: list[tuple] = []
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
         self.parts: list[str] = []
         self.count = 0
         self.skipped = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-parts")
+        self._in_flight: deque[Future] = deque()
 
-    def add(self, row: tuple) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.part_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
             return
+        self.pending.append(table.select(self.schema.names).cast(self.schema))
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.part_rows:
+            self._commit(self.part_rows)
+
+    def add_rows(self, rows: list[tuple]) -> None:
+        cols = list(zip(*rows)) if rows else [[] for _ in self.schema]
+        self.add(pa.table({f.name: pa.array(c, type=f.type) for f, c in zip(self.schema, cols)}, schema=self.schema))
+
+    def _commit(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        part, rest = table.slice(0, n), table.slice(n)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         name = f"part-{len(self.parts):05d}.parquet"
-        uri = storage.join(self.uri, name)
-        if storage.exists(uri):
-            self.skipped += 1
-        else:
-            cols = list(zip(*self.rows))
-            table = pa.table({f.name: pa.array(c, type=f.type) for f, c in zip(self.schema, cols)}, schema=self.schema)
-            storage.write_parquet_atomic(table, uri)
         self.parts.append(name)
-        self.count += len(self.rows)
-        self.rows = []
+        self.count += part.num_rows
+        self._in_flight.append(self._pool.submit(self._write, storage.join(self.uri, name), part))
+        while len(self._in_flight) > self.IN_FLIGHT:
+            self.skipped += self._in_flight.popleft().result()
+
+    @staticmethod
+    def _write(uri: str, table: pa.Table) -> bool:
+        if storage.exists(uri):
+            return True
+        storage.write_parquet_atomic(table, uri)
+        return False
+
+    def close(self) -> None:
+        """Commit what is left and wait for every part to be written (raising a write's error)."""
+        try:
+            if self.pending_rows:
+                self._commit(self.pending_rows)
+            while self._in_flight:
+                self.skipped += self._in_flight.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """After an error: let the full parts in flight finish, never commit the short remainder (a re-run
+        would take it for a finished part and skip it)."""
+        self.pending, self.pending_rows = [], 0
+        self._pool.shutdown(wait=True)
 
 
 def prepare(cfg: PrepareConfig) -> storage.Manifest:
@@ -157,8 +200,7 @@ class _Prepare:
         storage.makedirs(cfg.out)
         triples_uri = self._triples_input()
         if triples_uri:
-            first = next(iter(open_text_lines(triples_uri)))[1]
-            self.text_triples = raw.looks_like_text_triples(first)
+            self.text_triples = raw.looks_like_text_triples(first_line(triples_uri))
             if self.text_triples:
                 self.text_pid = {}
         corpus_uri = self._corpus_input()
@@ -214,9 +256,22 @@ class _Prepare:
             if not storage.exists(self.cfg.triples):
                 raise FileNotFoundError(f"{self.cfg.triples}: triples file does not exist")
             return self.cfg.triples
-        if self.cfg.msmarco:
-            return _find(self.cfg.msmarco, raw.MSMARCO_FILES["id_triples"]) or _find(
-                self.cfg.msmarco, raw.MSMARCO_FILES["text_triples"]
+        if not self.cfg.msmarco:
+            return None
+        # the small triples (39.8M rows), ids before text (same rows, no text matching); the full id triples
+        # (397.8M rows) only when named: never a silent switch to 10x the data
+        folder = self.cfg.msmarco
+        small = _find(folder, raw.MSMARCO_FILES["id_triples"]) or _find(folder, raw.MSMARCO_FILES["text_triples"])
+        full = _find(folder, raw.MSMARCO_FILES["full_id_triples"])
+        if small:
+            skipped = [u for u in (full, _find(folder, raw.MSMARCO_FILES["text_triples"])) if u and u != small]
+            log.info("triples: %s%s", small, f" (not {', '.join(skipped)}: name a file with --triples)" if skipped else "")
+            return small
+        if full:
+            raise UserError(
+                f"{full}: the folder's only triples are MS MARCO's full id triples ({raw.FULL_ID_TRIPLES_ROWS} rows, 10x "
+                f"the 39.8M small triples). Pass --triples {full} to use them, or add triples.train.small.tsv "
+                "(or its id version qidpidtriples.train.small.tsv) to the folder"
             )
         return None
 
@@ -226,45 +281,17 @@ class _Prepare:
         self.inputs["corpus"] = uri
         writer = _PartWriter(storage.join(self.cfg.out, "corpus"), CORPUS_SCHEMA, self.cfg.part_rows)
         progress = Progress(log, f"corpus {uri}")
-        chunk: list[tuple[int, int, str, str, str]] = []  # (line, pid, doc_id, title, text)
-
-        def flush_chunk() -> None:
-            if not chunk:
-                return
-            if not self.beir:
-                ids = np.fromiter((c[1] for c in chunk), dtype=np.int64, count=len(chunk))
-                dup = self.pids.add_chunk(ids)
+        try:
+            if self.beir:
+                self._beir_corpus(uri, writer, progress)
             else:
-                dup = np.zeros(len(chunk), dtype=bool)
-            for (ln, pid, doc_id, title, text), d in zip(chunk, dup):
-                if d:
-                    self.q.report(FormatError(uri, ln, f"duplicate passage id {doc_id} (already defined earlier)"), text)
-                    continue
-                writer.add((pid, doc_id, title, text))
-                if self.text_pid is not None:
-                    self.text_pid[hash(text)] = pid
-            chunk.clear()
-
-        for ln, line in open_text_lines(uri, self.q.report):
-            progress.update()
-            try:
-                if self.beir:
-                    doc_id, title, text = raw.parse_beir_doc(uri, ln, line)
-                    if doc_id in self.doc_pid:
-                        raise FormatError(uri, ln, f"duplicate document id {doc_id!r} (already defined earlier)")
-                    pid = len(self.doc_pid)
-                    self.doc_pid[doc_id] = pid
-                else:
-                    pid, text = raw.parse_collection(uri, ln, line)
-                    doc_id, title = str(pid), ""
-            except FormatError as e:
-                self.q.report(e, line)
-                continue
-            chunk.append((ln, pid, doc_id, title, text))
-            if len(chunk) >= min(self.cfg.part_rows, 200_000):
-                flush_chunk()
-        flush_chunk()
-        writer.flush()
+                for first, block in open_blocks(uri):
+                    n = self._collection_block(uri, first, block, writer)
+                    progress.update(n)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         if self.beir:
             self.pids.add_chunk(np.arange(len(self.doc_pid), dtype=np.int64))
         if writer.count == 0:
@@ -274,6 +301,63 @@ class _Prepare:
         self._add_parts("corpus", writer.parts)
         self.timings["corpus_s"] = round(progress.close(), 3)
         log.info("corpus: %s passages in %d part(s) (%.1f s)", f"{writer.count:,}", len(writer.parts), time.time() - t0)
+
+    def _collection_block(self, uri: str, first: int, block: bytes, writer: _PartWriter) -> int:
+        """One block of collection.tsv: parsed at once, or line by line when the fast parser refuses it;
+        duplicates checked against every earlier passage. Returns the lines read."""
+        t = raw.collection_block(block)
+        if t is not None:
+            lines = np.arange(first, first + t.num_rows)
+        else:
+            lns, pids, texts = [], [], []
+            for ln, line in block_lines(uri, first, block, self.q.report):
+                try:
+                    pid, text = raw.parse_collection(uri, ln, line)
+                except FormatError as e:
+                    self.q.report(e, line)
+                    continue
+                lns.append(ln)
+                pids.append(pid)
+                texts.append(text)
+            t = pa.table({"pid": pa.array(pids, pa.int64()), "text": pa.array(texts, pa.string())})
+            lines = np.array(lns, dtype=np.int64)
+        dup = self.pids.add_chunk(t["pid"].to_numpy())
+        if dup.any():
+            for i in np.flatnonzero(dup):
+                pid = t["pid"][int(i)].as_py()
+                err = FormatError(uri, int(lines[i]), f"duplicate passage id {pid} (already defined earlier)")
+                self.q.report(err, t["text"][int(i)].as_py())
+            t = t.filter(pa.array(~dup))
+        if self.text_pid is not None:
+            for pid, text in zip(t["pid"].to_pylist(), t["text"].to_pylist()):
+                self.text_pid[hash(text)] = pid
+        n = t.num_rows
+        writer.add(
+            pa.table(
+                {"pid": t["pid"], "doc_id": pc.cast(t["pid"], pa.string()), "title": pa.array([""] * n, pa.string()), "text": t["text"]},
+                schema=CORPUS_SCHEMA,
+            )
+        )
+        return block.count(b"\n") + (not block.endswith(b"\n"))
+
+    def _beir_corpus(self, uri: str, writer: _PartWriter, progress: Progress) -> None:
+        rows: list[tuple[int, str, str, str]] = []
+        for ln, line in open_text_lines(uri, self.q.report):
+            progress.update()
+            try:
+                doc_id, title, text = raw.parse_beir_doc(uri, ln, line)
+                if doc_id in self.doc_pid:
+                    raise FormatError(uri, ln, f"duplicate document id {doc_id!r} (already defined earlier)")
+            except FormatError as e:
+                self.q.report(e, line)
+                continue
+            pid = len(self.doc_pid)
+            self.doc_pid[doc_id] = pid
+            rows.append((pid, doc_id, title, text))
+            if len(rows) >= min(self.cfg.part_rows, 200_000):
+                writer.add_rows(rows)
+                rows = []
+        writer.add_rows(rows)
 
     # ------------------------------------------------------------------------------------------- queries
     def _all_queries(self) -> None:
@@ -392,51 +476,28 @@ class _Prepare:
     def _triples(self, uri: str) -> None:
         t0 = time.time()
         self.inputs["triples"] = uri
-        writer = _PartWriter(storage.join(self.cfg.out, "triples"), TRIPLES_SCHEMA, self.cfg.part_rows)
         train = self.queries.get("train", [])
-        train_qids = np.array(sorted(q[0] for q in train), dtype=np.int64)
-        query_by_text = {q[2]: q[0] for q in train} if self.text_triples else {}
-        has_corpus = "corpus" in self.counts
-        if not has_corpus:
+        self.train_qids = np.array(sorted(q[0] for q in train), dtype=np.int64)
+        if "corpus" not in self.counts:
             raise UserError(f"{uri}: triples need a corpus to check their passage ids against")
+        self.query_by_text = {q[2]: q[0] for q in train} if self.text_triples else {}
+        writer = _PartWriter(storage.join(self.cfg.out, "triples"), TRIPLES_SCHEMA, self.cfg.part_rows)
         progress = Progress(log, f"triples {uri}")
-        chunk: list[tuple[int, str, int, int, int]] = []
-
-        def flush_chunk() -> None:
-            if not chunk:
-                return
-            arr = np.array([c[2:] for c in chunk], dtype=np.int64)
-            ok_pos, ok_neg = self.pids.contains(arr[:, 1]), self.pids.contains(arr[:, 2])
-            pos = np.minimum(np.searchsorted(train_qids, arr[:, 0]), max(len(train_qids) - 1, 0))
-            ok_q = (train_qids[pos] == arr[:, 0]) if len(train_qids) else np.ones(len(arr), dtype=bool)
-            for (ln, line, q, p, n), a, b, c in zip(chunk, ok_q, ok_pos, ok_neg):
-                if not (a and b and c):
-                    what = f"qid {q} is not a training query" if not a else f"passage {p if not b else n} does not exist in the corpus"
-                    self.q.report(FormatError(uri, ln, what), line)
-                    continue
-                writer.add((q, p, n))
-            chunk.clear()
-
-        for ln, line in open_text_lines(uri, self.q.report):
-            progress.update()
-            try:
+        try:
+            for first, block in open_blocks(uri):
                 if self.text_triples:
-                    qt, pt, nt = raw.parse_text_triple(uri, ln, line)
-                    q = query_by_text.get(qt)
-                    p, n = self.text_pid.get(hash(pt)), self.text_pid.get(hash(nt))
-                    if q is None or p is None or n is None:
-                        what = "query text" if q is None else ("positive passage text" if p is None else "negative passage text")
-                        raise FormatError(uri, ln, f"unmatched text triple: its {what} is not in the collection/queries")
+                    t, lines = self._text_triples_block(uri, first, block)
                 else:
-                    q, p, n = raw.parse_id_triple(uri, ln, line)
-            except FormatError as e:
-                self.q.report(e, line)
-                continue
-            chunk.append((ln, line, q, p, n))
-            if len(chunk) >= 100_000:
-                flush_chunk()
-        flush_chunk()
-        writer.flush()
+                    t = raw.id_triples_block(block)
+                    lines = np.arange(first, first + t.num_rows) if t is not None else None
+                    if t is None:
+                        t, lines = self._id_triples_lines(uri, first, block)
+                writer.add(self._checked_triples(uri, first, block, t, lines))
+                progress.update(block.count(b"\n") + (not block.endswith(b"\n")))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         self.counts["triples"] = writer.count
         self.counts["triples_parts_resumed"] = writer.skipped
         self.counts["triples_format"] = "text" if self.text_triples else "ids"
@@ -444,3 +505,55 @@ class _Prepare:
         self.timings["triples_s"] = round(progress.close(), 3)
         log.info("triples: %s in %d part(s) (%.1f s)", f"{writer.count:,}", len(writer.parts), time.time() - t0)
 
+    def _id_triples_lines(self, uri: str, first: int, block: bytes) -> tuple[pa.Table, np.ndarray]:
+        """A block the fast parser refused, line by line: the bad line is named (raised or quarantined)."""
+        rows, lns = [], []
+        for ln, line in block_lines(uri, first, block, self.q.report):
+            try:
+                rows.append(raw.parse_id_triple(uri, ln, line))
+            except FormatError as e:
+                self.q.report(e, line)
+                continue
+            lns.append(ln)
+        cols = list(zip(*rows)) if rows else [[], [], []]
+        t = pa.table({n: pa.array(c, pa.int64()) for n, c in zip(TRIPLES_SCHEMA.names, cols)})
+        return t, np.array(lns, dtype=np.int64)
+
+    def _text_triples_block(self, uri: str, first: int, block: bytes) -> tuple[pa.Table, np.ndarray]:
+        """Text triples, line by line: each text is matched to its id through the collection's and the training
+        queries' texts."""
+        rows, lns = [], []
+        for ln, line in block_lines(uri, first, block, self.q.report):
+            try:
+                qt, pt, nt = raw.parse_text_triple(uri, ln, line)
+                q = self.query_by_text.get(qt)
+                p, n = self.text_pid.get(hash(pt)), self.text_pid.get(hash(nt))
+                if q is None or p is None or n is None:
+                    what = "query text" if q is None else ("positive passage text" if p is None else "negative passage text")
+                    raise FormatError(uri, ln, f"unmatched text triple: its {what} is not in the collection/queries")
+            except FormatError as e:
+                self.q.report(e, line)
+                continue
+            rows.append((q, p, n))
+            lns.append(ln)
+        cols = list(zip(*rows)) if rows else [[], [], []]
+        t = pa.table({n: pa.array(c, pa.int64()) for n, c in zip(TRIPLES_SCHEMA.names, cols)})
+        return t, np.array(lns, dtype=np.int64)
+
+    def _checked_triples(self, uri: str, first: int, block: bytes, t: pa.Table, lines: np.ndarray) -> pa.Table:
+        """The triples whose query is a training query and whose passages are in the corpus; every other row is
+        reported with its line (raised in strict mode, quarantined in lenient)."""
+        q, p, n = (t[c].to_numpy() for c in TRIPLES_SCHEMA.names)
+        ok_pos, ok_neg = self.pids.contains(p), self.pids.contains(n)
+        qids = self.train_qids
+        if len(qids):
+            ok_q = qids[np.minimum(np.searchsorted(qids, q), len(qids) - 1)] == q
+        else:
+            ok_q = np.ones(len(q), dtype=bool)
+        ok = ok_q & ok_pos & ok_neg
+        if ok.all():
+            return t
+        for i in np.flatnonzero(~ok):
+            what = f"qid {q[i]} is not a training query" if not ok_q[i] else f"passage {p[i] if not ok_pos[i] else n[i]} does not exist in the corpus"
+            self.q.report(FormatError(uri, int(lines[i]), what), raw_line(block, int(lines[i]) - first))
+        return t.filter(pa.array(ok))
