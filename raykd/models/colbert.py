@@ -12,11 +12,16 @@ Saved as: the encoder in HF format + tokenizer, ``colbert_linear.safetensors`` (
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from raykd.models.base import load_hf_encoder, load_tokenizer, read_raykd_config, write_raykd_config
+from raykd.models.base import (
+    load_head,
+    load_hf_encoder,
+    load_tokenizer,
+    save_encoder_folder,
+    save_head,
+    saved_options,
+)
 from raykd.models.bi_encoder import DualEncoder
 
 LINEAR_FILE = "colbert_linear.safetensors"
@@ -47,23 +52,12 @@ class ColBERT(DualEncoder):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kw) -> ColBERT:
-        saved = read_raykd_config(name_or_path) or {}
-        opts = {k: saved[k] for k in ("dim", "query_max_length", "passage_max_length") if k in saved}
-        opts.update({k: v for k, v in kw.items() if v is not None})
+        opts = saved_options(name_or_path, cls.name, ("dim", "query_max_length", "passage_max_length"), kw)
         model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-        head = os.path.join(str(name_or_path), LINEAR_FILE)
-        if saved and os.path.isfile(head):
-            from safetensors.torch import load_file
-
-            model.linear.load_state_dict(load_file(head))
+        load_head(model.linear, name_or_path, LINEAR_FILE)
         return model
 
     def save_pretrained(self, out_dir: str) -> None:
-        from safetensors.torch import save_file
-
-        self.encoder.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.linear.state_dict().items()},
-                  os.path.join(out_dir, LINEAR_FILE))
-        write_raykd_config(out_dir, self.name, dim=self.dim, query_max_length=self.query_max_length,
-                           passage_max_length=self.passage_max_length)
+        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, dim=self.dim,
+                            query_max_length=self.query_max_length, passage_max_length=self.passage_max_length)
+        save_head(self.linear, out_dir, LINEAR_FILE)

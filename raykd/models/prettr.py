@@ -14,17 +14,17 @@ Saved as: encoder (HF) + tokenizer, ``prettr_head.safetensors``, ``raykd_model.j
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from raykd.models.base import (
     RankingModel,
     group_size,
+    load_head,
     load_hf_encoder,
     load_tokenizer,
-    read_raykd_config,
-    write_raykd_config,
+    save_encoder_folder,
+    save_head,
+    saved_options,
 )
 
 HEAD_FILE = "prettr_head.safetensors"
@@ -104,23 +104,12 @@ class PreTTR(RankingModel):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kw) -> PreTTR:
-        saved = read_raykd_config(name_or_path) or {}
-        opts = {k: saved[k] for k in ("split_layer", "query_max_length", "passage_max_length") if k in saved}
-        opts.update({k: v for k, v in kw.items() if v is not None})
+        opts = saved_options(name_or_path, cls.name, ("split_layer", "query_max_length", "passage_max_length"), kw)
         model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-        head = os.path.join(str(name_or_path), HEAD_FILE)
-        if saved and os.path.isfile(head):
-            from safetensors.torch import load_file
-
-            model.head.load_state_dict(load_file(head))
+        load_head(model.head, name_or_path, HEAD_FILE)
         return model
 
     def save_pretrained(self, out_dir: str) -> None:
-        from safetensors.torch import save_file
-
-        self.encoder.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  os.path.join(out_dir, HEAD_FILE))
-        write_raykd_config(out_dir, self.name, split_layer=self.split_layer, query_max_length=self.query_max_length,
-                           passage_max_length=self.passage_max_length)
+        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, split_layer=self.split_layer,
+                            query_max_length=self.query_max_length, passage_max_length=self.passage_max_length)
+        save_head(self.head, out_dir, HEAD_FILE)
