@@ -133,6 +133,36 @@ def load_head(head: torch.nn.Module, model_dir: str, filename: str) -> bool:
     return True
 
 
+class EncoderFolder:
+    """Mixin of the students saved as an HF encoder folder + ``raykd_model.json`` (+ one small trained module):
+    BERT_DOT, TCT, ColBERT, PreTTR. A class lists its constructor options in ``OPTIONS`` (recorded and read
+    back) and, when it has a head beside the encoder, the attribute and file (``HEAD_ATTR``, ``HEAD_FILE``).
+    The constructor takes ``(encoder, tokenizer, **options)``."""
+
+    OPTIONS: tuple[str, ...] = ()
+    HEAD_ATTR: str | None = None
+    HEAD_FILE: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kw):
+        """From a saved raykd folder of this kind (its options) or any HF encoder as the initialisation (a hub
+        name or a path); ``kw`` overrides options."""
+        opts = saved_options(name_or_path, cls.name, cls.OPTIONS, kw)
+        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
+        if cls.HEAD_FILE:
+            load_head(getattr(model, cls.HEAD_ATTR), name_or_path, cls.HEAD_FILE)
+        return model
+
+    def options(self) -> dict:
+        """What ``raykd_model.json`` records and :meth:`from_pretrained` reads back."""
+        return {k: getattr(self, k) for k in self.OPTIONS}
+
+    def save_pretrained(self, out_dir: str) -> None:
+        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, **self.options())
+        if self.HEAD_FILE:
+            save_head(getattr(self, self.HEAD_ATTR), out_dir, self.HEAD_FILE)
+
+
 def load_hf_encoder(name_or_path: str):
     """A transformers encoder (AutoModel) WITHOUT the unused pooler where the architecture has one, so DDP
     does not fail on parameters that get no gradient."""

@@ -12,14 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from raykd.models.base import (
-    RankingModel,
-    group_size,
-    load_hf_encoder,
-    load_tokenizer,
-    save_encoder_folder,
-    saved_options,
-)
+from raykd.models.base import EncoderFolder, RankingModel, group_size
 
 POOLINGS = ("cls", "mean")
 
@@ -126,7 +119,7 @@ class DualEncoder(RankingModel):
         return self.embed(t["input_ids"].to(device), t["attention_mask"].to(device))
 
 
-class BertDot(DualEncoder):
+class BertDot(EncoderFolder, DualEncoder):
     """BERT_DOT (Hofstätter et al. 2020, Sec. 3): ``s(q, p) = pool(q) · pool(p)`` with a shared encoder.
 
     ``pooling``: ``cls`` (the paper's BERT_DOT) or ``mean`` over non-padding tokens (TCT-ColBERT's student;
@@ -155,17 +148,3 @@ class BertDot(DualEncoder):
 
     def similarity(self, q, q_mask, p, p_mask, all_pairs):
         return q @ p.T if all_pairs else (q * p).sum(-1)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> BertDot:
-        """From a raykd BERT_DOT folder (options from its raykd_model.json) or any HF encoder (hub name or
-        path) as the initialisation; ``kw`` overrides options."""
-        opts = saved_options(name_or_path, cls.name, cls.OPTIONS, kw)
-        return cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-
-    def options(self) -> dict:
-        """What ``raykd_model.json`` records and :meth:`from_pretrained` reads back."""
-        return {k: getattr(self, k) for k in self.OPTIONS}
-
-    def save_pretrained(self, out_dir: str) -> None:
-        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, **self.options())

@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from raykd.models.base import (
-    load_head,
-    load_hf_encoder,
-    load_tokenizer,
-    save_encoder_folder,
-    save_head,
-    saved_options,
-)
+from raykd.models.base import EncoderFolder
 from raykd.models.bi_encoder import DualEncoder
 
 LINEAR_FILE = "colbert_linear.safetensors"
 
 
-class ColBERT(DualEncoder):
+class ColBERT(EncoderFolder, DualEncoder):
     name = "colbert"
+    OPTIONS = ("dim", "query_max_length", "passage_max_length")
+    HEAD_ATTR, HEAD_FILE = "linear", LINEAR_FILE
 
     def __init__(self, encoder, tokenizer, dim: int = 128, query_max_length: int = 32, passage_max_length: int = 180):
         super().__init__(encoder, tokenizer, query_max_length, passage_max_length)
@@ -49,15 +44,3 @@ class ColBERT(DualEncoder):
             return best.sum(-1)
         sim = torch.einsum("nid,njd->nij", q, p).masked_fill(p_pad[:, None, :], float("-inf"))
         return (sim.max(-1).values * q_mask.to(sim.dtype)).sum(-1)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> ColBERT:
-        opts = saved_options(name_or_path, cls.name, ("dim", "query_max_length", "passage_max_length"), kw)
-        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-        load_head(model.linear, name_or_path, LINEAR_FILE)
-        return model
-
-    def save_pretrained(self, out_dir: str) -> None:
-        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, dim=self.dim,
-                            query_max_length=self.query_max_length, passage_max_length=self.passage_max_length)
-        save_head(self.linear, out_dir, LINEAR_FILE)

@@ -16,16 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from raykd.models.base import (
-    RankingModel,
-    group_size,
-    load_head,
-    load_hf_encoder,
-    load_tokenizer,
-    save_encoder_folder,
-    save_head,
-    saved_options,
-)
+from raykd.models.base import EncoderFolder, RankingModel, group_size
 
 HEAD_FILE = "prettr_head.safetensors"
 
@@ -41,9 +32,11 @@ def _layers(encoder) -> torch.nn.ModuleList:
     )
 
 
-class PreTTR(RankingModel):
+class PreTTR(EncoderFolder, RankingModel):
     grouped_passages = True
     name = "prettr"
+    OPTIONS = ("split_layer", "query_max_length", "passage_max_length")
+    HEAD_ATTR, HEAD_FILE = "head", HEAD_FILE
 
     def __init__(self, encoder, tokenizer, split_layer: int = 1, query_max_length: int = 32,
                  passage_max_length: int = 180):
@@ -101,15 +94,3 @@ class PreTTR(RankingModel):
             hq, q_mask = hq.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0)
         h = self._run(torch.cat([hq, hp], 1), torch.cat([q_mask, passage_attention_mask], 1), layers[self.split_layer :])
         return self.head(h[:, 0]).squeeze(-1)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> PreTTR:
-        opts = saved_options(name_or_path, cls.name, ("split_layer", "query_max_length", "passage_max_length"), kw)
-        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-        load_head(model.head, name_or_path, HEAD_FILE)
-        return model
-
-    def save_pretrained(self, out_dir: str) -> None:
-        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, split_layer=self.split_layer,
-                            query_max_length=self.query_max_length, passage_max_length=self.passage_max_length)
-        save_head(self.head, out_dir, HEAD_FILE)
