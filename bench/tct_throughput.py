@@ -2,8 +2,9 @@
 paper's condition 1) vs the same student with the frozen ColBERT teacher scoring the B x 2B batch inside the
 loop (condition 3), measured side by side in one run, alternating step by step.
 
-Both sides do the full step: forward, loss, backward, optimizer step. Batches are tokenised beforehand (the
-train stage tokenises in its data pipeline). Models are randomly initialised transformers of the shape given
+Both sides run the step ``raykd train --loss tct`` runs (:class:`raykd.stages.train_steps.InBatchStep`, mode
+``none`` vs ``inbatch``) and then backward and the optimizer step. The student's inputs are tokenised beforehand
+(the train stage tokenises them in its collate thread); the teacher tokenises inside the step, as in training. Models are randomly initialised transformers of the shape given
 (default: a small BERT; ``--hidden 768 --layers 12 --heads 12 --intermediate 3072`` is BERT-base), built
 offline with raykd's tiny-model builder, so the figures need no download.
 
@@ -46,21 +47,27 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from raykd.losses import get_loss
     from raykd.models.colbert import ColBERT
-    from raykd.models.tct import FrozenColbertTeacher, TctBiEncoder, TctDistiller
+    from raykd.models.tct import TctBiEncoder
     from raykd.sample import lexicon
+    from raykd.stages.train_steps import BatchContext, train_step
     from raykd.tiny import build_tiny_model
 
     device = torch.device(args.device)
+    step_fn = train_step(get_loss("tct"))  # the step `raykd train --loss tct` runs
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(f"{tmp}/enc", hidden=args.hidden, layers=args.layers, heads=args.heads,
                                 intermediate=args.intermediate)
         ColBERT.from_pretrained(path).save_pretrained(f"{tmp}/colbert")
-        teacher = FrozenColbertTeacher.from_pretrained(f"{tmp}/colbert", device=device, bf16=args.bf16_teacher)
+        contexts = {}
+        for mode in ("none", "inbatch"):
+            contexts[mode] = BatchContext(device=device, config={"teacher": f"{tmp}/colbert"},
+                                          options={"mode": mode, "teacher_bf16": args.bf16_teacher})
+            step_fn.setup(contexts[mode])
+    teacher = contexts["inbatch"].state["teacher"]
     student = TctBiEncoder.from_teacher(teacher).to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    alone = TctDistiller(student, None, mode="none")
-    coupled = TctDistiller(student, teacher, mode="inbatch")
 
     rng = random.Random(0)
     words = lexicon()
@@ -70,14 +77,15 @@ def main() -> None:
         q = texts(rng, words, args.batch, args.query_words)
         pos = texts(rng, words, args.batch, args.passage_words)
         neg = texts(rng, words, args.batch, args.passage_words)
-        batches.append(coupled.collate(q, pos, neg))
+        features = {k: v.to(device) for k, v in step_fn.features(student, q, pos, neg).items()}
+        batches.append({"features": features, "queries": q, "positives": pos, "negatives": neg, "size": len(q)})
 
-    def step(distiller: TctDistiller, batch: dict) -> float:
+    def step(ctx: BatchContext, batch: dict) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = distiller.loss(batch)
+        loss, _ = step_fn.loss(student, batch, ctx)
         loss.backward()
         opt.step()
         if device.type == "cuda":
@@ -86,7 +94,7 @@ def main() -> None:
 
     t_alone, t_coupled = [], []
     for i, batch in enumerate(batches):
-        a, c = step(alone, batch), step(coupled, batch)  # alternate: same conditions for both sides
+        a, c = step(contexts["none"], batch), step(contexts["inbatch"], batch)  # alternate: same conditions for both sides
         if i >= args.warmup:
             t_alone.append(a)
             t_coupled.append(c)

@@ -70,9 +70,10 @@ def order(rows: list, seed: int, buffer: int, passes: int) -> list:
 def run(args, store_uri: str, rows: list, root: str, data_seed: int, init_seed: int) -> dict:
     import torch
 
-    from raykd.losses import get_loss, labels_ce
+    from raykd.losses import labels_ce
+    from raykd.models.base import tokenize_triples
     from raykd.models.registry import load_student
-    from raykd.stages.train import TrainConfig, _lr_lambda, mrr_at_10, validation_set
+    from raykd.stages.train import TrainConfig, linear_warmup_decay, mrr_at_10, validation_set
     from raykd.tiny import build_tiny_model
 
     val = validation_set(TrainConfig(data=store_uri, val_queries=100, seed=13))
@@ -81,15 +82,14 @@ def run(args, store_uri: str, rows: list, root: str, data_seed: int, init_seed: 
                             dropout=0.0)
     model = load_student("bert_cat", path)
     model.train()
-    spec = get_loss("labels")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(50, args.steps))
     b = 64
     stream = order(rows, data_seed, args.buffer, passes=args.steps * b // len(rows) + 1)
     t0, curve = time.time(), {}
     for step in range(args.steps):
         batch = stream[step * b:(step + 1) * b]
-        feats = spec.features(model, [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch])
+        feats = tokenize_triples(model, [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch])
         s = model(**feats).float().view(len(batch), 2)
         labels_ce(s[:, 0], s[:, 1]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -72,6 +72,7 @@ def bare_loop(args, store_uri: str, scores_uri: str, init: str) -> float:
     from raykd.formats.scores import TripleScores
     from raykd.formats.store import TextStore
     from raykd.losses import get_loss
+    from raykd.models.base import tokenize_triples
     from raykd.models.registry import load_student
 
     torch.set_num_threads(args.threads)
@@ -92,7 +93,7 @@ def bare_loop(args, store_uri: str, scores_uri: str, init: str) -> float:
         if step == warm:
             start = time.perf_counter()
         batch = rows[(step * b) % (len(rows) - b):][:b]
-        feats = spec.features(model, [r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch])
+        feats = tokenize_triples(model, [r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch])
         s = model(**feats).float().view(b, 2)
         loss = spec.fn(s[:, 0], s[:, 1], torch.tensor([r[3] for r in batch]), torch.tensor([r[4] for r in batch]))
         loss.backward()

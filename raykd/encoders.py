@@ -1,16 +1,17 @@
-"""Dense text encoders for indexing and search: any Hugging Face encoder, or a raykd bi-encoder checkpoint.
+"""Dense encoding for index and search: a corpus or a query set through one single-vector student, in
+length-sorted micro-batches, in the precision asked for, with the work counted.
 
-What a vector is, for a passage or a query ``x``::
+The encoder is loaded through the model registry (:func:`raykd.models.registry.load_encoder`): a raykd
+BERT_DOT or TCT student folder as its own class, a plain Hugging Face encoder as a BERT_DOT with the given
+pooling. Tokenising and pooling are the student's own (``tokenize_queries`` / ``tokenize_passages`` and
+``embed``, :func:`raykd.models.bi_encoder.pool`): the vectors ``raykd index`` writes are the ones training
+and validation compute (``tests/test_vectors.py``). What a vector is, for a passage or a query ``x``::
 
-    v(x) = normalize?( pool( Encoder(prefix + x)[:max_length] ) )       pool = CLS vector | mean of tokens
+    v(x) = student.embed( student.tokenize_passages([prefix + x]) )     (tokenize_queries for a query)
 
-Settings come from (lowest to highest): defaults (``cls``, no normalisation, 512/64 tokens), the checkpoint's
-own file, and the flags given. Checkpoint files read:
-
-- ``raykd_model.json`` (raykd BERT_DOT students, :mod:`raykd.models.bi_encoder`): ``pooling``, ``normalize``,
-  ``pool_skip`` (leading tokens left out of mean pooling), ``query_max_length``, ``passage_max_length``;
-- ``raykd_tct.json`` (raykd/castorini TCT-ColBERT students, :mod:`raykd.models.tct`): encoded with the model's
-  own TCT input format (``[CLS] [Q] q [MASK]*`` to 36 tokens, mean after the prefix).
+Settings (:class:`EncoderSpec`, recorded in the index manifest so that search encodes queries alike) come
+from, lowest to highest: defaults for a plain HF encoder (``cls``, no normalisation, 512 / 64 tokens), the
+student's ``raykd_model.json``, and the flags given.
 
 Passages are encoded in length-sorted micro-batches (longest first, like sentence-transformers), so a batch
 pads to similar lengths; the output keeps the input order. The transformer runs under bf16 autocast where the
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 
 from raykd.errors import UserError
+from raykd.models.bi_encoder import POOLINGS
 
-POOLINGS = ("cls", "mean")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -74,37 +75,25 @@ class EncoderSpec:
     passage_prefix: str = ""
     pool_skip: int | None = None  # leading tokens left out of mean pooling; None: from the checkpoint, else 0
     precision: str = "auto"  # auto | fp32 | bf16 (compute_dtype); resolved on the device that encodes
-    kind: str | None = None  # "hf" | "bert_dot" | "tct", filled by resolve()
+    kind: str | None = None  # "hf" (a plain HF encoder) or the raykd student kind, filled by resolve()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _checkpoint_file(path: str, name: str) -> dict | None:
-    import json
-
-    f = os.path.join(os.path.expanduser(str(path)), name)
-    if os.path.isfile(f):
-        with open(f) as fh:
-            return json.load(fh)
-    return None
+    def student_options(self) -> dict:
+        """The resolved settings as the student's options (:func:`raykd.models.registry.load_encoder`)."""
+        return {"pooling": self.pooling, "normalize": self.normalize, "pool_skip": self.pool_skip,
+                "query_max_length": self.query_max_length, "passage_max_length": self.max_length}
 
 
 def resolve(spec: EncoderSpec) -> EncoderSpec:
-    """``spec`` with every None filled from the checkpoint's raykd file or the defaults."""
-    tct = _checkpoint_file(spec.name_or_path, "raykd_tct.json")
-    saved = _checkpoint_file(spec.name_or_path, "raykd_model.json") or {}
-    if tct is not None:
-        kind, saved = "tct", {"pooling": "mean", "normalize": False, **tct}
-    elif saved:
-        kind = "bert_dot"
-        if saved.get("kind") not in (None, "bert_dot"):
-            raise UserError(
-                f"{spec.name_or_path}: raykd_model.json says kind {saved.get('kind')!r}; only bi-encoders "
-                f"(bert_dot, tct) give one vector per passage for a dense index"
-            )
-    else:
-        kind = "hf"
+    """``spec`` with every None filled from the student's ``raykd_model.json`` or the defaults."""
+    from raykd.models.base import read_raykd_config
+    from raykd.models.registry import encoder_kind, local_path
+
+    path = local_path(spec.name_or_path)
+    encoder_kind(path)  # a raykd model that is no single-vector encoder fails here, in the driver
+    saved = (read_raykd_config(path) if os.path.isdir(path) else None) or {}
 
     def pick(value, key, default):
         return value if value is not None else saved.get(key, default)
@@ -119,7 +108,7 @@ def resolve(spec: EncoderSpec) -> EncoderSpec:
         passage_prefix=spec.passage_prefix,
         pool_skip=int(pick(spec.pool_skip, "pool_skip", 0)),
         precision=spec.precision,
-        kind=kind,
+        kind=saved.get("kind", "hf"),
     )
     if out.pooling not in POOLINGS:
         raise UserError(f"unknown pooling {out.pooling!r}; expected one of {', '.join(POOLINGS)}")
@@ -128,36 +117,19 @@ def resolve(spec: EncoderSpec) -> EncoderSpec:
     return out
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
-    """CLS vector (position 0) or the mean of the attended token vectors from position ``skip`` on."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    m = mask[:, skip:].unsqueeze(-1).to(hidden.dtype)
-    return (hidden[:, skip:] * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 class DenseEncoder:
-    """Loads the encoder once; ``encode_passages`` / ``encode_queries`` give float32 numpy arrays."""
+    """Loads the student once; ``encode_passages`` / ``encode_queries`` give float32 numpy arrays."""
 
     def __init__(self, spec: EncoderSpec, device: str | None = None):
+        from raykd.models.registry import load_encoder
+
         self.spec = resolve(spec)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        path = os.path.expanduser(str(self.spec.name_or_path))
         try:
-            if self.spec.kind == "tct":
-                from raykd.models.tct import TctBiEncoder
-
-                self._tct = TctBiEncoder.from_pretrained(path)
-                self.model = self._tct.encoder
-                self.tokenizer = self._tct.tokenizer
-            else:
-                from transformers import AutoModel, AutoTokenizer
-
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
-                self.model = AutoModel.from_pretrained(path)
+            self.student = load_encoder(self.spec.name_or_path, **self.spec.student_options())
         except OSError as e:
             raise UserError(f"cannot load encoder {self.spec.name_or_path!r}: {e}") from None
-        self.model.to(self.device).eval()
+        self.student.to(self.device).eval()
         self.dtype = compute_dtype(self.device, self.spec.precision)
         self.bf16 = self.dtype == torch.bfloat16
         self.forward_passes = 0
@@ -166,38 +138,21 @@ class DenseEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.student.encoder.config.hidden_size)
 
     @torch.no_grad()
-    def _embed(self, batch: dict, skip: int) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+    def _embed(self, batch: dict) -> torch.Tensor:
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         self.forward_passes += 1
-        self.tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += int(batch["attention_mask"].numel())
+        self.tokens += int(mask.sum())
+        self.padded_tokens += int(mask.numel())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        v = pool(hidden.float(), batch["attention_mask"], self.spec.pooling, skip)
-        if self.spec.normalize:
-            v = torch.nn.functional.normalize(v, dim=-1)
-        return v
+            return self.student.embed(ids, mask).float()
 
     def _tokenize(self, texts: list[str], query: bool) -> dict:
-        if self.spec.kind == "tct":
-            return self._tct.tokenize_queries(texts) if query else self._tct.tokenize_passages(texts)
-        prefix = self.spec.query_prefix if query else self.spec.passage_prefix
-        enc = self.tokenizer(
-            [prefix + t for t in texts],
-            padding=True,
-            truncation=True,
-            max_length=self.spec.query_max_length if query else self.spec.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    def _skip(self, query: bool) -> int:
-        if self.spec.kind == "tct":
-            return self._tct.query_prefix_length if query else self._tct.passage_prefix_length
-        return self.spec.pool_skip or 0
+        if query:
+            return self.student.tokenize_queries([self.spec.query_prefix + t for t in texts])
+        return self.student.tokenize_passages([self.spec.passage_prefix + t for t in texts])
 
     def encode(self, texts: list[str], query: bool = False, batch_size: int = 32) -> np.ndarray:
         """Vectors of ``texts`` in input order, computed in micro-batches of similar length."""
@@ -206,8 +161,7 @@ class DenseEncoder:
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for i in range(0, len(texts), batch_size):
             idx = order[i : i + batch_size]
-            batch = self._tokenize([texts[j] for j in idx], query)
-            out[idx] = self._embed(batch, self._skip(query)).cpu().numpy()
+            out[idx] = self._embed(self._tokenize([texts[j] for j in idx], query)).cpu().numpy()
         return out
 
     def encode_passages(self, texts: list[str], batch_size: int = 32) -> np.ndarray:

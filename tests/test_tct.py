@@ -1,5 +1,8 @@
-"""TCT-ColBERT: the loss against hand-computed values, the frozen teacher, the student's released input format,
-cross-device in-batch negatives, and the ablation modes end to end on Ray Train."""
+"""TCT-ColBERT: the loss against hand-computed values, its options, the frozen teacher, the student's released
+input format, cross-device in-batch negatives, and the ablation modes end to end on Ray Train.
+
+Every training-step test calls the step ``raykd train --loss tct`` runs: ``train_step(get_loss("tct"))``
+(:class:`raykd.stages.train_steps.InBatchStep`), with its ``setup``, ``features`` and ``loss``."""
 
 from __future__ import annotations
 
@@ -9,7 +12,11 @@ import os
 import pytest
 import torch
 
+from raykd.errors import UserError
+from raykd.losses import get_loss
 from raykd.losses.tct import in_batch_ce, kl_distillation, tct_loss
+from raykd.models.tct import TctBiEncoder
+from raykd.stages.train_steps import BatchContext, FrozenColbertTeacher, parameter_checksum, train_step
 
 torch.set_num_threads(1)
 
@@ -99,6 +106,29 @@ def test_tct_loss_rejects_bad_input():
         tct_loss(S, S, tau=0.0)
 
 
+def test_options_are_checked_in_one_place_and_command_line_strings_are_converted():
+    spec = get_loss("tct")
+    assert spec.resolve_options({}) == {"mode": "inbatch", "tau": 0.25, "gamma": 0.1, "cross_device": False,
+                                        "teacher_bf16": True, "check_teacher_every": 0}
+    # --loss-option KEY=VALUE arrives as strings
+    got = spec.resolve_options({"mode": "triplet", "tau": "0.5", "gamma": "0.5", "cross_device": "true"})
+    assert (got["mode"], got["tau"], got["gamma"], got["cross_device"]) == ("triplet", 0.5, 0.5, True)
+    with pytest.raises(UserError, match="loss tct has no option temperature; its options: mode, tau, gamma"):
+        spec.resolve_options({"temperature": 1})
+    with pytest.raises(UserError, match="loss tct: option gamma=3.0 must be in \\[0, 1\\]"):
+        spec.resolve_options({"gamma": 3})
+    with pytest.raises(UserError, match="option mode='pairs' is not one of none, triplet, inbatch"):
+        spec.resolve_options({"mode": "pairs"})
+    with pytest.raises(UserError, match="option cross_device='maybe' is not a bool"):
+        spec.resolve_options({"cross_device": "maybe"})
+    with pytest.raises(UserError, match="loss margin_mse has no option tau; its options: none"):
+        get_loss("margin_mse").resolve_options({"tau": 0.3})
+    # a distilling mode needs a teacher: refused before any worker starts
+    with pytest.raises(UserError, match="runs a ColBERT teacher in the loop: give --teacher"):
+        train_step(spec).check({"loss_options": {}})
+    assert train_step(spec).check({"loss_options": {"mode": "none"}})["mode"] == "none"
+
+
 # ---------------------------------------------------------------------------------------------- models
 QUERIES = ["what is ray", "how do kernels pool", "who trains the teacher"]
 POSITIVES = ["ray is a framework for distributed python", "kernel pooling counts soft matches", "a colbert teacher"]
@@ -118,8 +148,6 @@ def colbert_teacher_dir(tiny_models, tmp_path_factory):
 
 def test_student_uses_the_released_tct_input_format(tiny_models):
     from transformers import AutoModel, AutoTokenizer
-
-    from raykd.models.tct import TctBiEncoder
 
     path = tiny_models("bert", "encoder", seed=3)
     student = TctBiEncoder.from_pretrained(path).eval()  # a plain HF folder: the released convention
@@ -152,34 +180,39 @@ def test_student_uses_the_released_tct_input_format(tiny_models):
     plain = TctBiEncoder.from_pretrained(path, tct_format=False)
     toks = tok.convert_ids_to_tokens(plain.tokenize_queries(["what is ray"])["input_ids"][0].tolist())
     assert toks[0] == "[CLS]" and toks[-1] == "[SEP]" and plain.pool_skip == 0
+    with pytest.raises(UserError, match="pooling='cls' is not an option"):
+        TctBiEncoder.from_pretrained(path, pooling="cls")
 
 
-def test_student_round_trips_and_is_initialised_from_the_teacher(colbert_teacher_dir, tmp_path):
+def test_student_is_an_ordinary_registered_student(colbert_teacher_dir, tmp_path):
     from raykd.models.base import read_raykd_config
-    from raykd.models.tct import FrozenColbertTeacher, TctBiEncoder
+    from raykd.models.registry import STUDENTS, load_scorer, load_student
 
+    assert STUDENTS["tct"] is TctBiEncoder
+    # stage 2 starts from the ColBERT teacher's folder: its weights, not its lengths (32 / 180)
+    student = load_student("tct", colbert_teacher_dir, passage_max_length=64)
+    assert (student.query_max_length, student.passage_max_length) == (36, 64)
     teacher = FrozenColbertTeacher.from_pretrained(colbert_teacher_dir)
-    student = TctBiEncoder.from_teacher(teacher, passage_max_length=64)
     for (name, a), b in zip(student.encoder.state_dict().items(), teacher.colbert.encoder.state_dict().values()):
         assert torch.equal(a, b), name
-    assert all(p.requires_grad for p in student.parameters())
+    copy = TctBiEncoder.from_teacher(teacher)
+    assert all(p.requires_grad for p in copy.parameters())
     with torch.no_grad():
-        next(student.encoder.parameters()).add_(1.0)  # a copy, not shared
+        next(copy.encoder.parameters()).add_(1.0)  # a copy, not shared
     teacher.assert_unchanged()
 
     student.save_pretrained(str(tmp_path / "s"))
     saved = read_raykd_config(str(tmp_path / "s"))
     assert saved["kind"] == "tct" and saved["tct_format"] is True and saved["passage_max_length"] == 64
-    again = TctBiEncoder.from_pretrained(str(tmp_path / "s")).eval()
-    assert again.passage_max_length == 64
+    assert [f for f in os.listdir(tmp_path / "s") if f.startswith("raykd_")] == ["raykd_model.json"]
+    again = load_scorer(str(tmp_path / "s")).eval()
+    assert type(again) is TctBiEncoder and again.passage_max_length == 64 and again.pool_skip == 4
     student.eval()
     assert torch.allclose(again.encode_passage(POSITIVES), student.encode_passage(POSITIVES), atol=1e-5)
 
 
 def test_teacher_is_frozen_and_scores_every_pair(colbert_teacher_dir, tiny_models, tmp_path):
-    from raykd.errors import UserError
     from raykd.models.colbert import ColBERT
-    from raykd.models.tct import FrozenColbertTeacher
 
     teacher = FrozenColbertTeacher.from_pretrained(colbert_teacher_dir)
     assert not teacher.colbert.training
@@ -200,28 +233,57 @@ def test_teacher_is_frozen_and_scores_every_pair(colbert_teacher_dir, tiny_model
         FrozenColbertTeacher.from_pretrained(tiny_models("bert", "encoder", seed=3))
 
 
+def _tct_step(teacher_dir: str, **options):
+    """The TCT training step as a Ray Train worker sets it up: the loss's step, its setup (options resolved,
+    teacher loaded from ``--teacher``), and a student initialised from the teacher's folder."""
+    from raykd.models.registry import load_student
+
+    step = train_step(get_loss("tct"))
+    ctx = BatchContext(device=torch.device("cpu"), options=options,
+                       config={"teacher": teacher_dir, "checkpoint_every": 1})
+    step.setup(ctx)
+    torch.manual_seed(0)
+    return step, ctx, load_student("tct", teacher_dir)
+
+
+def _batch(step, student, queries, positives, negatives) -> dict:
+    """What the train stage's collate step builds (TripleCollate)."""
+    return {"features": step.features(student, queries, positives, negatives), "queries": list(queries),
+            "positives": list(positives), "negatives": list(negatives), "size": len(queries)}
+
+
 @pytest.mark.parametrize("mode", ["none", "triplet", "inbatch"])
 def test_training_steps_move_the_student_and_never_the_teacher(colbert_teacher_dir, mode):
-    from raykd.models.tct import FrozenColbertTeacher, TctBiEncoder, TctDistiller, parameter_checksum
-
-    teacher = FrozenColbertTeacher.from_pretrained(colbert_teacher_dir)
-    before = parameter_checksum(teacher.colbert)
-    student = TctBiEncoder.from_teacher(teacher)
+    step, ctx, student = _tct_step(colbert_teacher_dir, mode=mode)
+    teacher = ctx.state["teacher"]
+    assert (teacher is None) == (mode == "none")
+    before = parameter_checksum(FrozenColbertTeacher.from_pretrained(colbert_teacher_dir).colbert)
     student.train()
     start = parameter_checksum(student)
-    distiller = TctDistiller(student, teacher if mode != "none" else None, mode=mode)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    batch = distiller.collate(QUERIES, POSITIVES, NEGATIVES)
-    assert ("teacher_query_input_ids" in batch) == (mode != "none")
-    for _ in range(3):
+    batch = _batch(step, student, QUERIES, POSITIVES, NEGATIVES)
+    assert batch["features"]["passage_input_ids"].shape[0] == 6  # 2B passages: positives, then negatives
+    for i in range(3):
+        ctx.step = i
         opt.zero_grad()
-        loss = distiller.loss(batch)
-        assert torch.isfinite(loss)
+        loss, stats = step.loss(student, batch, ctx)
+        assert torch.isfinite(loss) and 0.0 <= stats["inbatch_accuracy"] <= 1.0
         loss.backward()
         opt.step()
-    teacher.assert_unchanged()
-    assert parameter_checksum(teacher.colbert) == before
+    assert stats["teacher_checks"] == (3 if mode != "none" else 0)  # checked at every step (checkpoint_every 1)
+    if teacher is not None:
+        teacher.assert_unchanged()
+        assert parameter_checksum(teacher.colbert) == before and "teacher_agreement" in stats
     assert parameter_checksum(student) != start
+
+
+def test_the_step_refuses_a_multi_vector_student(colbert_teacher_dir):
+    from raykd.models.colbert import ColBERT
+
+    step, ctx, _ = _tct_step(colbert_teacher_dir, mode="none")
+    colbert = ColBERT.from_pretrained(colbert_teacher_dir)
+    with pytest.raises(UserError, match="single-vector bi-encoder"):
+        step.loss(colbert, _batch(step, colbert, QUERIES, POSITIVES, NEGATIVES), ctx)
 
 
 # ---------------------------------------------------------------------------------------------- cross-device
@@ -229,7 +291,6 @@ def _cross_device_worker(rank: int, world: int, port: int, teacher_dir: str, out
     import torch.distributed as dist
 
     from raykd.losses.gather import gather_rows
-    from raykd.models.tct import FrozenColbertTeacher, TctBiEncoder, TctDistiller
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -242,14 +303,12 @@ def _cross_device_worker(rank: int, world: int, port: int, teacher_dir: str, out
         (all_rows.squeeze(1) * torch.arange(1.0, 5.0)).sum().backward()
         torch.save({"rows": all_rows.detach(), "offset": offset, "grad": x.grad}, f"{out_dir}/gather{rank}.pt")
 
-        teacher = FrozenColbertTeacher.from_pretrained(teacher_dir)
         for mode in ("triplet", "inbatch"):
-            torch.manual_seed(0)
-            student = TctBiEncoder.from_teacher(teacher).eval()  # eval: no dropout, so runs are comparable
-            distiller = TctDistiller(student, teacher, mode=mode, cross_device=True)
+            step, ctx, student = _tct_step(teacher_dir, mode=mode, cross_device=True)
+            student.eval()  # no dropout, so runs are comparable
             half = slice(2 * rank, 2 * rank + 2)  # 4 triples, 2 per worker
-            batch = distiller.collate(QUERIES_4[half], POSITIVES_4[half], NEGATIVES_4[half])
-            loss = distiller.loss(batch)
+            loss, _ = step.loss(student, _batch(step, student, QUERIES_4[half], POSITIVES_4[half], NEGATIVES_4[half]),
+                                ctx)
             loss.backward()
             grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
             dist.all_reduce(grads)  # what DDP does: average the gradients over workers
@@ -271,8 +330,6 @@ def test_cross_device_loss_equals_one_worker_with_the_whole_batch(colbert_teache
 
     import torch.multiprocessing as mp
 
-    from raykd.models.tct import FrozenColbertTeacher, TctBiEncoder, TctDistiller
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -283,12 +340,10 @@ def test_cross_device_loss_equals_one_worker_with_the_whole_batch(colbert_teache
     assert (g0["offset"], g1["offset"]) == (0, 3)
     assert g0["grad"].squeeze(1).tolist() == [2.0, 4.0, 6.0] and g1["grad"].squeeze(1).tolist() == [8.0]
 
-    teacher = FrozenColbertTeacher.from_pretrained(colbert_teacher_dir)
     for mode in ("triplet", "inbatch"):
-        torch.manual_seed(0)
-        student = TctBiEncoder.from_teacher(teacher).eval()
-        distiller = TctDistiller(student, teacher, mode=mode, cross_device=False)
-        loss = distiller.loss(distiller.collate(QUERIES_4, POSITIVES_4, NEGATIVES_4))
+        step, ctx, student = _tct_step(colbert_teacher_dir, mode=mode, cross_device=False)
+        student.eval()
+        loss, _ = step.loss(student, _batch(step, student, QUERIES_4, POSITIVES_4, NEGATIVES_4), ctx)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
         got = torch.load(tmp_path / f"{mode}.pt")
@@ -324,7 +379,6 @@ def test_three_ablation_modes_train_end_to_end_on_two_ray_workers(trained_colber
 
     from raykd import storage
     from raykd.models.registry import load_scorer
-    from raykd.models.tct import FrozenColbertTeacher, TctBiEncoder, parameter_checksum
     from raykd.stages.train import train
 
     teacher_before = parameter_checksum(FrozenColbertTeacher.from_pretrained(trained_colbert_teacher).colbert)
@@ -333,7 +387,7 @@ def test_three_ablation_modes_train_end_to_end_on_two_ray_workers(trained_colber
         out = str(tmp_path / mode)
         manifest = train(_stage_cfg(
             sample_store, student="tct", init=trained_colbert_teacher, teacher=trained_colbert_teacher, loss="tct",
-            out=out, steps=6, loss_options={"mode": mode, "cross_device": cross_device},
+            out=out, steps=6, loss_options={"mode": mode, "cross_device": str(cross_device).lower()},
         ))
         assert manifest.stats["loss_name"] == "tct" and manifest.counts["steps"] == 6
         history = [json.loads(x) for x in storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()]
@@ -349,10 +403,9 @@ def test_three_ablation_modes_train_end_to_end_on_two_ray_workers(trained_colber
     assert parameter_checksum(FrozenColbertTeacher.from_pretrained(trained_colbert_teacher).colbert) == teacher_before
 
 
-def test_cli_loss_options_merge_tct_settings():
-    from raykd.losses.tct import cli_loss_options
+def test_bad_loss_options_fail_before_ray_starts(sample_store, tiny_models, tmp_path):
+    from raykd.stages.train import train
 
-    merged = cli_loss_options("tct", {"teacher_bf16": False}, tct_mode="triplet", tau=0.5, gamma=0.5, cross_device=True)
-    assert merged == {"teacher_bf16": False, "mode": "triplet", "tau": 0.5, "gamma": 0.5, "cross_device": True}
-    assert cli_loss_options("margin_mse", {}, tct_mode=None, tau=None, gamma=None, cross_device=None) == {}
-    # the command line gives TCT's options as --loss-option KEY=VALUE (tests/test_config_options.py)
+    with pytest.raises(UserError, match="loss tct has no option tct_mode"):
+        train(_stage_cfg(sample_store, student="tct", init=tiny_models("bert", "encoder", seed=3), loss="tct",
+                         out=str(tmp_path / "o"), loss_options={"tct_mode": "none"}))

@@ -1,67 +1,34 @@
-"""Losses by name, and the seam between a loss and the training loop.
+"""Losses by name: what the training loop needs to know about a loss, and its options.
 
-The training loop (``raykd.stages.train``) knows nothing about any particular loss. Per step it calls
+A :class:`LossSpec` names a pure tensor function and says which training step runs it (``step``):
 
-    loss, stats = spec.batch_loss(model, batch, ctx)
+- ``pairwise``: one forward pass scores the B triples ``(s+, s-)``; the loss is ``fn(s+, s-, t+, t-)`` with the
+  teacher's scores of the triple from ``raykd score`` (``needs_scores``), or ``fn(s+, s-)`` without them;
+- ``inbatch``: every query is scored against every passage of the batch, by the student and, where the loss
+  distils, by a frozen teacher run in the loop; the loss is ``fn`` of the two (B, 2B) score matrices (TCT).
 
-where ``batch`` is what the collate step built for B training triples::
+The steps themselves run a model and, for ``inbatch``, a teacher: they live with the training code
+(:mod:`raykd.stages.train_steps`), not here. Nothing here knows about models, Ray or storage.
 
-    batch = {
-        "features":   dict of tensors: the student's inputs scoring the B triples in one forward pass,
-                      ``model(**features).view(B, 2)`` = [[s(q_i, pos_i), s(q_i, neg_i)], ...]
-                      (from ``spec.make_features(model, queries, positives, negatives)``,
-                      default :func:`raykd.models.base.tokenize_triples`),
-        "queries", "positives", "negatives":  the B texts each (lists of str), e.g. for a teacher run in the loop,
-        "teacher_pos", "teacher_neg":  float32 (B,) ensemble teacher scores (only when ``spec.needs_scores``),
-        "size":       B,
-    }
-
-and ``ctx`` is a :class:`BatchContext` (device, rank, world size, the loss options from the config, a
-per-worker ``state`` dict and an ``all_gather`` that keeps gradients of the local part). ``model`` is the DDP
-wrapped student: call it (its ``forward``) so DDP synchronises gradients; reach the bare module through
-``model.module`` only for read-only things such as its tokenizer.
-
-A loss that needs more than a pairwise score function (TCT-ColBERT: a frozen teacher run in the loop over
-in-batch pairs, gathered across workers) registers a :class:`LossSpec` with its own ``batch_loss``, ``setup``
-(called once per worker before the first step, e.g. to load the teacher into ``ctx.state``) and
-``make_features``. ``needs_scores=False`` lets ``raykd train`` run on the text store's triples without a scores
-output.
+Options: a loss declares its options with their defaults (``options``) and, where values need more than a type,
+a ``check``. :meth:`LossSpec.resolve_options` is the one place where the user's options (the config's
+``loss_options``, ``--loss-option KEY=VALUE`` on the command line) are checked: unknown names and bad values fail
+with a :class:`~raykd.errors.UserError` that names the option and says what is allowed; string values (from
+the command line) are converted to the default's type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from raykd.errors import UserError
 
-@dataclass
-class BatchContext:
-    """What a ``batch_loss`` may use besides the model and the batch."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    step: int = 0
-    options: dict = field(default_factory=dict)  # TrainConfig.loss_options (e.g. {"tau": 0.25, "gamma": 0.1})
-    config: dict = field(default_factory=dict)  # the whole TrainConfig as a dict (read-only)
-    state: dict = field(default_factory=dict)  # per-worker cache that lives across steps (e.g. a frozen teacher)
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate ``t`` from every worker along dim 0 (rank order); the local slice keeps its gradient.
-        Every worker must call it with the same shape. Identity with one worker."""
-        import torch.distributed as dist
-
-        if self.world_size == 1 or not dist.is_available() or not dist.is_initialized():
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.detach().contiguous())
-        parts[self.rank] = t
-        return torch.cat(parts, 0)
-
-
-BatchLoss = Callable[[torch.nn.Module, dict, BatchContext], "tuple[torch.Tensor, dict[str, float]]"]
+STEPS = ("pairwise", "inbatch")
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 @dataclass(frozen=True)
@@ -69,40 +36,63 @@ class LossSpec:
     """A loss as the training loop sees it.
 
     ``fn``: the pure tensor function; pairwise losses take ``(student_pos, student_neg, teacher_pos,
-    teacher_neg)`` or, with ``needs_scores=False``, ``(student_pos, student_neg)``.
-    ``batch_loss``: overrides the default pairwise step (see the module docstring)."""
+    teacher_neg)`` or, with ``needs_scores=False``, ``(student_pos, student_neg)``; in-batch losses take
+    ``(student_scores, teacher_scores, positive_index, negative_index, **options)``.
+    ``step``: the training step that runs it (see the module docstring).
+    ``options``: option name -> default. ``check``: raises ValueError on a bad combination of resolved values."""
 
     name: str
     fn: Callable[..., torch.Tensor]
     needs_scores: bool = True
     description: str = ""
-    batch_loss: BatchLoss | None = None
-    setup: Callable[[BatchContext], None] | None = None
-    make_features: Callable[..., dict] | None = None
+    step: str = "pairwise"
+    options: dict[str, Any] = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
 
-    def step_loss(self, model: torch.nn.Module, batch: dict, ctx: BatchContext) -> tuple[torch.Tensor, dict]:
-        if self.batch_loss is not None:
-            return self.batch_loss(model, batch, ctx)
-        return pairwise_batch_loss(model, batch, ctx, self)
+    def __post_init__(self):
+        if self.step not in STEPS:
+            raise ValueError(f"loss {self.name}: unknown step {self.step!r}; expected one of {', '.join(STEPS)}")
 
-    def features(self, model: torch.nn.Module, queries: list[str], positives: list[str], negatives: list[str]) -> dict:
-        from raykd.models.base import tokenize_triples
+    def resolve_options(self, given: dict | None) -> dict:
+        """The defaults updated with ``given`` (None values ignored), each converted to its default's type."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) if self.options else "none"
+            raise UserError(f"loss {self.name} has no option {', '.join(unknown)}; its options: {known}")
+        out = dict(self.options)
+        for key, value in given.items():
+            out[key] = _convert(self.name, key, value, self.options[key])
+        if self.check is not None:
+            try:
+                self.check(out)
+            except ValueError as e:
+                raise UserError(f"loss {self.name}: {e}") from None
+        return out
 
-        return (self.make_features or tokenize_triples)(model, queries, positives, negatives)
 
-
-def pairwise_batch_loss(model: torch.nn.Module, batch: dict, ctx: BatchContext, spec: LossSpec) -> tuple[torch.Tensor, dict]:
-    """The default step: score the B triples in one forward pass, apply ``spec.fn``."""
-    b = batch["size"]
-    scores = model(**batch["features"]).float().view(b, 2)
-    s_pos, s_neg = scores[:, 0], scores[:, 1]
-    if spec.needs_scores:
-        loss = spec.fn(s_pos, s_neg, batch["teacher_pos"].to(s_pos.device), batch["teacher_neg"].to(s_pos.device))
-    else:
-        loss = spec.fn(s_pos, s_neg)
-    with torch.no_grad():
-        stats = {"student_margin": float((s_pos - s_neg).mean()), "pair_accuracy": float((s_pos > s_neg).float().mean())}
-    return loss, stats
+def _convert(loss: str, key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    bad = UserError(f"loss {loss}: option {key}={value!r} is not a {kind.__name__} (default {default!r})")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise bad
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if kind is int:
+            if not number.is_integer():
+                raise bad
+            return int(number)
+        return number
+    return str(value)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -118,4 +108,3 @@ def get_loss(name: str) -> LossSpec:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
-

@@ -25,6 +25,10 @@ Table 3 ablation modes (``mode``):
   restricted to those two columns); the CE term stays in-batch.
 - ``inbatch`` (condition 3, TCT-ColBERT): the KL term over every passage of the batch.
 
+Options (``loss_options``): ``mode``, ``tau``, ``gamma``, ``cross_device`` and the teacher's ``teacher_bf16``,
+``check_teacher_every`` (:data:`OPTIONS`). The frozen teacher and the in-batch training step that produce the
+score matrices live with the training code (:mod:`raykd.stages.train_steps`); this module is pure tensor math.
+
 Example::
 
     >>> import torch
@@ -133,138 +137,26 @@ def tct_loss(
     return (gamma * ce + (1.0 - gamma) * kl).mean()
 
 
-# ---------------------------------------------------------------------------------------------- the train seam
-# ``raykd train --loss tct`` reaches TCT through raykd.losses.registry: LOSS_SPEC below is found when
-# raykd.losses is imported. Options (``TrainConfig.loss_options``, CLI --tct-mode/--tau/--gamma/--cross-device):
+# ---------------------------------------------------------------------------------------------- options
+#: the loss's options and defaults (``TrainConfig.loss_options``, ``--loss-option KEY=VALUE``); the training step
+#: that runs the teacher reads the last three
 OPTIONS = {
     "mode": "inbatch",  # none | triplet | inbatch (Table 3)
     "tau": 0.25,
     "gamma": 0.1,
     "cross_device": False,  # in-batch negatives gathered from every DDP worker
     "teacher_bf16": True,  # teacher weights in bf16 when training on GPU (ignored on CPU)
-    "check_teacher_every": None,  # verify the teacher's checksum every N steps (default: checkpoint_every)
+    "check_teacher_every": 0,  # verify the teacher's checksum every N steps (0: at every checkpoint)
 }
 
 
-def tct_options(options: dict) -> dict:
-    """``OPTIONS`` updated with the user's; unknown names and bad values fail with what is allowed."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown tct loss option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    out = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    if out["mode"] not in MODES:
-        raise ValueError(f"unknown TCT mode {out['mode']!r}; expected one of {', '.join(MODES)}")
-    if not 0.0 <= float(out["gamma"]) <= 1.0 or float(out["tau"]) <= 0:
-        raise ValueError(f"tct needs 0 <= gamma <= 1 and tau > 0, got gamma={out['gamma']}, tau={out['tau']}")
-    return out
-
-
-def tct_setup(ctx) -> None:
-    """Once per worker: check the options and the student, load and freeze the ColBERT teacher."""
-    from raykd.errors import UserError
-
-    opts = tct_options(ctx.options)
-    ctx.state["tct_options"] = opts
-    ctx.state["tct_teacher_checks"] = 0
-    teacher_uri = ctx.config.get("teacher")
-    if opts["mode"] == "none":
-        ctx.state["tct_teacher"] = None
-        return
-    if not teacher_uri:
-        raise UserError(
-            f"--loss tct (mode {opts['mode']}) runs a ColBERT teacher in the loop: give --teacher, a checkpoint of "
-            "`raykd train --student colbert` (its model/ folder); or --tct-mode none for labels only"
-        )
-    from raykd import storage
-    from raykd.models.tct import FrozenColbertTeacher
-
-    ctx.state["tct_teacher"] = FrozenColbertTeacher.from_pretrained(
-        storage.local_dir(teacher_uri), device=ctx.device, bf16=bool(opts["teacher_bf16"])
-    )
-
-
-def tct_features(model, queries: list[str], positives: list[str], negatives: list[str]) -> dict:
-    """The student's inputs for one batch: B queries, then 2B passages (the positives, then the negatives)."""
-    return model.tokenize(list(queries), list(positives) + list(negatives))
-
-
-def tct_batch_loss(model, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
-    """One step of TCT on the DDP-wrapped bi-encoder student (see :class:`raykd.models.tct.TctDistiller`)."""
-    from raykd.errors import UserError
-    from raykd.models.tct import TctDistiller
-
-    if "tct_options" not in ctx.state:
-        tct_setup(ctx)
-    opts, teacher = ctx.state["tct_options"], ctx.state["tct_teacher"]
-    bare = getattr(model, "module", model)
-    if not hasattr(bare, "embed") or getattr(bare, "kind", None) == "colbert":
-        raise UserError("the tct loss trains a single-vector bi-encoder: use --student tct (or bert_dot)")
-    distiller = TctDistiller(model, teacher, mode=opts["mode"], tau=opts["tau"], gamma=opts["gamma"],
-                             cross_device=opts["cross_device"])
-    inputs = dict(batch["features"])
-    if teacher is not None:
-        t = teacher.tokenize(batch["queries"], list(batch["positives"]) + list(batch["negatives"]))
-        inputs.update({f"teacher_{k}": v for k, v in t.items()})
-    student, teacher_scores, pos_idx, neg_idx = distiller.scores(inputs)
-    loss = distiller.loss_from_scores(student, teacher_scores, pos_idx, neg_idx)
-    every = opts["check_teacher_every"] or ctx.config.get("checkpoint_every") or 500
-    if teacher is not None and ctx.step % every == 0 and ctx.state.get("tct_checked_step") != ctx.step:
-        teacher.assert_unchanged()
-        ctx.state["tct_checked_step"] = ctx.step
-        ctx.state["tct_teacher_checks"] += 1
-    with torch.no_grad():
-        stats = {
-            "inbatch_accuracy": float((student.argmax(dim=1) == pos_idx).float().mean()),
-            "teacher_checks": float(ctx.state["tct_teacher_checks"]),
-        }
-        if teacher_scores is not None:
-            stats["teacher_agreement"] = float((student.argmax(dim=1) == teacher_scores.argmax(dim=1)).float().mean())
-    return loss, stats
-
-
-def _register_student() -> None:
-    # `--student tct` (the TCT bi-encoder) for training, next to the registry's built-in students
-    from raykd.models import registry
-
-    if "tct" not in registry.STUDENTS:
-
-        def _tct(path: str, **kw):
-            from raykd.models.tct import TctBiEncoder
-
-            return TctBiEncoder.from_pretrained(path, **kw)
-
-        registry.register_student("tct", _tct)
-
-
-def _loss_spec():
-    from raykd.losses.registry import LossSpec
-
-    return LossSpec(
-        "tct",
-        tct_loss,
-        needs_scores=False,
-        description="TCT-ColBERT: in-batch KL from a frozen ColBERT teacher run in the loop + CE on labels",
-        batch_loss=tct_batch_loss,
-        setup=tct_setup,
-        make_features=tct_features,
-    )
-
-
-_register_student()
-LOSS_SPEC = _loss_spec()
-
-
-def cli_loss_options(loss: str, loss_options: dict, **flags) -> dict:
-    """``loss_options`` with the command line's TCT flags (``tct_mode``, ``tau``, ``gamma``, ``cross_device``)
-    merged in; flags not given (None) change nothing; TCT flags with another loss are an error."""
-    from raykd.errors import UserError
-
-    names = {"tct_mode": "mode", "tau": "tau", "gamma": "gamma", "cross_device": "cross_device"}
-    given = {names[k]: v for k, v in flags.items() if v is not None}
-    if given and loss != "tct":
-        flag_names = ", ".join("--" + k.replace("_", "-") for k, v in flags.items() if v is not None)
-        raise UserError(f"TCT option(s) {flag_names}: only for --loss tct (the loss is {loss})")
-    merged = {**loss_options, **given}
-    if loss == "tct":
-        tct_options(merged)  # fail here, not on the workers after Ray has started
-    return merged
+def check_options(options: dict) -> None:
+    """ValueError naming the option when a resolved value is out of range."""
+    if options["mode"] not in MODES:
+        raise ValueError(f"option mode={options['mode']!r} is not one of {', '.join(MODES)}")
+    if not 0.0 <= options["gamma"] <= 1.0:
+        raise ValueError(f"option gamma={options['gamma']} must be in [0, 1]")
+    if options["tau"] <= 0:
+        raise ValueError(f"option tau={options['tau']} must be > 0")
+    if options["check_teacher_every"] < 0:
+        raise ValueError(f"option check_teacher_every={options['check_teacher_every']} must be >= 0")

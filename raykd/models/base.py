@@ -92,6 +92,77 @@ def read_raykd_config(model_dir: str) -> dict | None:
         return json.load(f)
 
 
+def saved_options(name_or_path: str, kind: str, keys: tuple[str, ...], overrides: dict) -> dict:
+    """A model's constructor options: those of ``keys`` saved in its ``raykd_model.json`` when that says
+    ``kind`` (none for a plain HF folder, a hub name, or another kind's folder used as an init, e.g. the ColBERT
+    teacher a TCT student starts from), updated with the ``overrides`` that are not None."""
+    saved = read_raykd_config(name_or_path) or {}
+    opts = {k: saved[k] for k in keys if k in saved} if saved.get("kind") == kind else {}
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    return opts
+
+
+def save_encoder_folder(out_dir: str, encoder, tokenizer, kind: str, **fields) -> None:
+    """The HF part of a saved model (encoder + tokenizer, loadable with ``AutoModel``) and its
+    ``raykd_model.json``."""
+    encoder.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_raykd_config(out_dir, kind, **fields)
+
+
+def save_head(head: torch.nn.Module, out_dir: str, filename: str) -> None:
+    """A small trained module beside the encoder (ColBERT's projection, PreTTR's scoring layer), as safetensors."""
+    import os
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, os.path.join(out_dir, filename))
+
+
+def load_head(head: torch.nn.Module, model_dir: str, filename: str) -> bool:
+    """Load :func:`save_head`'s file into ``head`` when ``model_dir`` is a saved raykd model that has it (an HF
+    init has none: the head keeps its fresh weights). Whether it was loaded."""
+    import os
+
+    path = os.path.join(str(model_dir), filename)
+    if read_raykd_config(model_dir) is None or not os.path.isfile(path):
+        return False
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(path))
+    return True
+
+
+class EncoderFolder:
+    """Mixin of the students saved as an HF encoder folder + ``raykd_model.json`` (+ one small trained module):
+    BERT_DOT, TCT, ColBERT, PreTTR. A class lists its constructor options in ``OPTIONS`` (recorded and read
+    back) and, when it has a head beside the encoder, the attribute and file (``HEAD_ATTR``, ``HEAD_FILE``).
+    The constructor takes ``(encoder, tokenizer, **options)``."""
+
+    OPTIONS: tuple[str, ...] = ()
+    HEAD_ATTR: str | None = None
+    HEAD_FILE: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kw):
+        """From a saved raykd folder of this kind (its options) or any HF encoder as the initialisation (a hub
+        name or a path); ``kw`` overrides options."""
+        opts = saved_options(name_or_path, cls.name, cls.OPTIONS, kw)
+        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
+        if cls.HEAD_FILE:
+            load_head(getattr(model, cls.HEAD_ATTR), name_or_path, cls.HEAD_FILE)
+        return model
+
+    def options(self) -> dict:
+        """What ``raykd_model.json`` records and :meth:`from_pretrained` reads back."""
+        return {k: getattr(self, k) for k in self.OPTIONS}
+
+    def save_pretrained(self, out_dir: str) -> None:
+        save_encoder_folder(out_dir, self.encoder, self.tokenizer, self.name, **self.options())
+        if self.HEAD_FILE:
+            save_head(getattr(self, self.HEAD_ATTR), out_dir, self.HEAD_FILE)
+
+
 def load_hf_encoder(name_or_path: str):
     """A transformers encoder (AutoModel) WITHOUT the unused pooler where the architecture has one, so DDP
     does not fail on parameters that get no gradient."""

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from raykd.models.base import (
-    RankingModel,
-    group_size,
-    load_hf_encoder,
-    load_tokenizer,
-    read_raykd_config,
-    write_raykd_config,
-)
+from raykd.models.base import EncoderFolder, RankingModel, group_size
 
 POOLINGS = ("cls", "mean")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
+    """One vector per text from the encoder's last hidden states (N, L, H), in float32 whatever the encoder ran
+    in: the CLS vector (position 0), or the mean of the attended token vectors from position ``skip`` on.
+    The one pooling definition of raykd: training, validation, index and search all pool here."""
+    hidden = hidden.float()
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    m = attention_mask[:, skip:].unsqueeze(-1).to(hidden.dtype)
+    return (hidden[:, skip:] * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class DualEncoder(RankingModel):
@@ -51,10 +57,17 @@ class DualEncoder(RankingModel):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def tokenize_queries(self, queries: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` of the queries (what :meth:`embed` takes)."""
+        return self._tok(queries, self.query_max_length)
+
+    def tokenize_passages(self, passages: list[str]) -> dict[str, torch.Tensor]:
+        return self._tok(passages, self.passage_max_length)
+
     def tokenize(self, queries: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
         group_size(len(queries), len(passages))
-        q = self._tok(queries, self.query_max_length)
-        p = self._tok(passages, self.passage_max_length)
+        q = self.tokenize_queries(queries)
+        p = self.tokenize_passages(passages)
         return {
             "query_input_ids": q["input_ids"],
             "query_attention_mask": q["attention_mask"],
@@ -95,18 +108,18 @@ class DualEncoder(RankingModel):
 
     @torch.no_grad()
     def encode_query(self, queries: list[str]) -> torch.Tensor:
-        t = self._tok(queries, self.query_max_length)
-        device = next(self.parameters()).device
-        return self.embed(t["input_ids"].to(device), t["attention_mask"].to(device))
+        return self._encode(self.tokenize_queries(queries))
 
     @torch.no_grad()
     def encode_passage(self, passages: list[str]) -> torch.Tensor:
-        t = self._tok(passages, self.passage_max_length)
+        return self._encode(self.tokenize_passages(passages))
+
+    def _encode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(self.parameters()).device
         return self.embed(t["input_ids"].to(device), t["attention_mask"].to(device))
 
 
-class BertDot(DualEncoder):
+class BertDot(EncoderFolder, DualEncoder):
     """BERT_DOT (Hofstätter et al. 2020, Sec. 3): ``s(q, p) = pool(q) · pool(p)`` with a shared encoder.
 
     ``pooling``: ``cls`` (the paper's BERT_DOT) or ``mean`` over non-padding tokens (TCT-ColBERT's student;
@@ -114,6 +127,8 @@ class BertDot(DualEncoder):
     ``normalize``: L2-normalise the vectors (cosine similarity)."""
 
     name = "bert_dot"
+    #: the constructor options ``raykd_model.json`` records
+    OPTIONS = ("pooling", "normalize", "pool_skip", "query_max_length", "passage_max_length")
 
     def __init__(self, encoder, tokenizer, pooling: str = "cls", normalize: bool = False, pool_skip: int = 0,
                  query_max_length: int = 32, passage_max_length: int = 180):
@@ -125,33 +140,11 @@ class BertDot(DualEncoder):
         self.pool_skip = int(pool_skip)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.token_vectors(input_ids, attention_mask)
-        if self.pooling == "cls":
-            v = h[:, 0]
-        else:
-            m = attention_mask[:, self.pool_skip :].unsqueeze(-1).to(h.dtype)
-            v = (h[:, self.pool_skip :] * m).sum(1) / m.sum(1).clamp(min=1.0)
+        """One float32 vector per text (what training, validation and ``raykd index`` all compute)."""
+        v = pool(self.token_vectors(input_ids, attention_mask), attention_mask, self.pooling, self.pool_skip)
         if self.normalize:
             v = torch.nn.functional.normalize(v, dim=-1)
         return v
 
     def similarity(self, q, q_mask, p, p_mask, all_pairs):
         return q @ p.T if all_pairs else (q * p).sum(-1)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> BertDot:
-        """From a raykd BERT_DOT folder (options from its raykd_model.json) or any HF encoder (hub name or
-        path) as the initialisation; ``kw`` overrides options."""
-        saved = read_raykd_config(name_or_path) or {}
-        opts = {k: saved[k] for k in ("pooling", "normalize", "pool_skip", "query_max_length", "passage_max_length")
-                if k in saved}
-        opts.update({k: v for k, v in kw.items() if v is not None})
-        return cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-
-    def save_pretrained(self, out_dir: str) -> None:
-        self.encoder.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        write_raykd_config(
-            out_dir, self.name, pooling=self.pooling, normalize=self.normalize, pool_skip=self.pool_skip,
-            query_max_length=self.query_max_length, passage_max_length=self.passage_max_length,
-        )

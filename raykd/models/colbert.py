@@ -12,18 +12,18 @@ Saved as: the encoder in HF format + tokenizer, ``colbert_linear.safetensors`` (
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from raykd.models.base import load_hf_encoder, load_tokenizer, read_raykd_config, write_raykd_config
+from raykd.models.base import EncoderFolder
 from raykd.models.bi_encoder import DualEncoder
 
 LINEAR_FILE = "colbert_linear.safetensors"
 
 
-class ColBERT(DualEncoder):
+class ColBERT(EncoderFolder, DualEncoder):
     name = "colbert"
+    OPTIONS = ("dim", "query_max_length", "passage_max_length")
+    HEAD_ATTR, HEAD_FILE = "linear", LINEAR_FILE
 
     def __init__(self, encoder, tokenizer, dim: int = 128, query_max_length: int = 32, passage_max_length: int = 180):
         super().__init__(encoder, tokenizer, query_max_length, passage_max_length)
@@ -44,26 +44,3 @@ class ColBERT(DualEncoder):
             return best.sum(-1)
         sim = torch.einsum("nid,njd->nij", q, p).masked_fill(p_pad[:, None, :], float("-inf"))
         return (sim.max(-1).values * q_mask.to(sim.dtype)).sum(-1)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> ColBERT:
-        saved = read_raykd_config(name_or_path) or {}
-        opts = {k: saved[k] for k in ("dim", "query_max_length", "passage_max_length") if k in saved}
-        opts.update({k: v for k, v in kw.items() if v is not None})
-        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-        head = os.path.join(str(name_or_path), LINEAR_FILE)
-        if saved and os.path.isfile(head):
-            from safetensors.torch import load_file
-
-            model.linear.load_state_dict(load_file(head))
-        return model
-
-    def save_pretrained(self, out_dir: str) -> None:
-        from safetensors.torch import save_file
-
-        self.encoder.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.linear.state_dict().items()},
-                  os.path.join(out_dir, LINEAR_FILE))
-        write_raykd_config(out_dir, self.name, dim=self.dim, query_max_length=self.query_max_length,
-                           passage_max_length=self.passage_max_length)

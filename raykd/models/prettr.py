@@ -14,18 +14,9 @@ Saved as: encoder (HF) + tokenizer, ``prettr_head.safetensors``, ``raykd_model.j
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from raykd.models.base import (
-    RankingModel,
-    group_size,
-    load_hf_encoder,
-    load_tokenizer,
-    read_raykd_config,
-    write_raykd_config,
-)
+from raykd.models.base import EncoderFolder, RankingModel, group_size
 
 HEAD_FILE = "prettr_head.safetensors"
 
@@ -41,9 +32,11 @@ def _layers(encoder) -> torch.nn.ModuleList:
     )
 
 
-class PreTTR(RankingModel):
+class PreTTR(EncoderFolder, RankingModel):
     grouped_passages = True
     name = "prettr"
+    OPTIONS = ("split_layer", "query_max_length", "passage_max_length")
+    HEAD_ATTR, HEAD_FILE = "head", HEAD_FILE
 
     def __init__(self, encoder, tokenizer, split_layer: int = 1, query_max_length: int = 32,
                  passage_max_length: int = 180):
@@ -101,26 +94,3 @@ class PreTTR(RankingModel):
             hq, q_mask = hq.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0)
         h = self._run(torch.cat([hq, hp], 1), torch.cat([q_mask, passage_attention_mask], 1), layers[self.split_layer :])
         return self.head(h[:, 0]).squeeze(-1)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> PreTTR:
-        saved = read_raykd_config(name_or_path) or {}
-        opts = {k: saved[k] for k in ("split_layer", "query_max_length", "passage_max_length") if k in saved}
-        opts.update({k: v for k, v in kw.items() if v is not None})
-        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
-        head = os.path.join(str(name_or_path), HEAD_FILE)
-        if saved and os.path.isfile(head):
-            from safetensors.torch import load_file
-
-            model.head.load_state_dict(load_file(head))
-        return model
-
-    def save_pretrained(self, out_dir: str) -> None:
-        from safetensors.torch import save_file
-
-        self.encoder.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  os.path.join(out_dir, HEAD_FILE))
-        write_raykd_config(out_dir, self.name, split_layer=self.split_layer, query_max_length=self.query_max_length,
-                           passage_max_length=self.passage_max_length)

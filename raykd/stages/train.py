@@ -11,9 +11,8 @@ background thread of the worker) tokenises with the student's tokenizer, so ever
 neg in ONE forward pass.
 
 The loop: AdamW, linear warm-up then linear decay to 0, gradient accumulation (DDP ``no_sync`` between
-micro-batches), bf16 autocast on GPU, gradient clipping, seeds. The step itself is the loss's
-``batch_loss(model, batch, ctx)`` (:mod:`raykd.losses.registry`), the seam through which in-loop teachers
-(TCT-ColBERT) plug in.
+micro-batches), bf16 autocast on GPU, gradient clipping, seeds. The step itself is the loss's training step
+(:mod:`raykd.stages.train_steps`: pairwise, or in-batch with a frozen teacher run in the loop for TCT-ColBERT).
 
 Output layout under ``--out``::
 
@@ -115,6 +114,7 @@ class TrainConfig:
 def _check_config(cfg: TrainConfig):
     from raykd.losses import get_loss
     from raykd.models.registry import STUDENTS
+    from raykd.stages.train_steps import train_step
 
     for name in ("data", "init", "out"):
         if not getattr(cfg, name):
@@ -125,6 +125,7 @@ def _check_config(cfg: TrainConfig):
         spec = get_loss(cfg.loss)
     except ValueError as e:
         raise UserError(str(e)) from None
+    train_step(spec).check(dataclasses.asdict(cfg))  # bad loss options fail here, before Ray starts
     if spec.needs_scores and not cfg.scores:
         raise UserError(f"loss {cfg.loss} learns from teacher scores: give --scores (a `raykd score` output)")
     for name in ("workers", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -225,10 +226,11 @@ def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1):
 
 
 class TripleCollate:
-    """The collate step, run in each worker's prefetch thread: texts -> the student's tokenised inputs."""
+    """The collate step, run in each worker's prefetch thread: texts -> the student's tokenised inputs
+    (``step.features``, the loss's training step)."""
 
-    def __init__(self, model, spec):
-        self.model, self.spec = model, spec
+    def __init__(self, model, step):
+        self.model, self.step = model, step
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -237,7 +239,7 @@ class TripleCollate:
         positives = [str(x) for x in batch["positive"]]
         negatives = [str(x) for x in batch["negative"]]
         out = {
-            "features": self.spec.features(self.model, queries, positives, negatives),
+            "features": self.step.features(self.model, queries, positives, negatives),
             "queries": queries,
             "positives": positives,
             "negatives": negatives,
@@ -331,7 +333,9 @@ def mrr_at_10(model, val: list[dict], batch_size: int = 64) -> float:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _lr_lambda(warmup: int, total: int):
+def linear_warmup_decay(warmup: int, total: int):
+    """The learning-rate factor at each step: linear warm-up over ``warmup`` steps, then linear decay to 0."""
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -356,8 +360,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raykd.losses import BatchContext, get_loss
+    from raykd.losses import get_loss
     from raykd.models.registry import load_scorer, load_student
+    from raykd.stages.train_steps import BatchContext, train_step
 
     cfg = TrainConfig(**loop_cfg["config"])
     total_steps, val, n_triples = loop_cfg["total_steps"], loop_cfg["val"], loop_cfg["triples"]
@@ -366,7 +371,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # same random heads on every rank (DDP also broadcasts rank 0's)
     configure_console()  # this worker is a process of its own: raykd's console settings, once
-    spec = get_loss(cfg.loss)
+    batch_step = train_step(get_loss(cfg.loss))
     opts = {**cfg.student_options, "query_max_length": cfg.query_max_length,
             "passage_max_length": cfg.passage_max_length}
     bare = load_student(cfg.student, cfg.init, **opts)
@@ -389,7 +394,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     model = ray.train.torch.prepare_model(bare)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, total_steps))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -397,12 +402,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     ctx = BatchContext(device=device, rank=rank, world_size=world, step=step, options=dict(cfg.loss_options),
                        config=dataclasses.asdict(cfg))
-    if spec.setup is not None:
-        spec.setup(ctx)
+    batch_step.setup(ctx)
     autocast = device.type == "cuda" and cfg.bf16
     validate_every = cfg.validate_every or cfg.checkpoint_every
     shard = ray.train.get_dataset_shard("train")
-    collate = _collate_class()(bare, spec)
+    collate = _collate_class()(bare, batch_step)
     no_sync = getattr(model, "no_sync", None)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
@@ -432,7 +436,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             cm = no_sync() if (no_sync is not None and not sync_now) else _null()
             with cm:
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss, stats = spec.step_loss(model, batch, ctx)
+                    loss, stats = batch_step.loss(model, batch, ctx)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at step {step}: check the scores and the lr")
                 (loss / cfg.grad_accum).backward()
