@@ -86,3 +86,17 @@ def test_missing_path_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         CrossEncoder.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_a_teacher_without_a_trained_head_is_refused_naming_folder_and_weights(tiny_models):
+    from raykd.models.cross_encoder import missing_teacher_weights
+
+    headless = tiny_models("bert", "encoder", seed=3)
+    assert missing_teacher_weights(headless) == ["classifier.weight", "classifier.bias"]
+    assert missing_teacher_weights(tiny_models("bert", "cross_encoder", seed=1)) == []
+    assert missing_teacher_weights(tiny_models("albert", "cross_encoder", seed=2)) == []
+    with pytest.raises(UserError, match=rf"teacher {headless} has no trained scoring head: its weights lack "
+                                        r"classifier\.bias, classifier\.weight"):
+        CrossEncoder.from_pretrained(headless, require_head=True)
+    # a student may start from the same folder: a fresh head, no error
+    assert CrossEncoder.from_pretrained(headless).num_labels == 1

@@ -81,6 +81,56 @@ def _max_lengths(path: str, query_max_length: int | None, passage_max_length: in
     return int(qlen), int(plen)
 
 
+def _no_head_message(name_or_path: str, missing: list[str]) -> str:
+    shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    return (f"teacher {name_or_path} has no trained scoring head: its weights lack {shown}. A teacher's scores "
+            "would come from a random layer; fine-tune it as a cross-encoder first (a student may start from it)")
+
+
+def missing_teacher_weights(name_or_path: str) -> list[str]:
+    """The weights a cross-encoder teacher at ``name_or_path`` would get freshly initialised (its scoring head,
+    usually), read from the checkpoint's tensor names without loading the weights. A local or s3:// folder
+    only; a hub name returns ``[]`` here (the scoring actor checks it when it loads it)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = _check_path(name_or_path)
+    if not os.path.isdir(path):
+        return []
+    config = AutoConfig.from_pretrained(path)
+    if not any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        config.num_labels = 1
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    stored = _checkpoint_keys(path)
+    if stored is None:
+        return []
+    prefix = model.base_model_prefix
+    missing = []
+    for key in model.state_dict():
+        bare = key.removeprefix(prefix + ".")
+        if key not in stored and bare not in stored and f"{prefix}.{key}" not in stored:
+            missing.append(key)
+    return [k for k in missing if not k.endswith("position_ids")]
+
+
+def _checkpoint_keys(path: str) -> set[str] | None:
+    """Tensor names of a local HF checkpoint folder (safetensors, sharded or not, or a PyTorch .bin)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    binary = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        return set(torch.load(binary, map_location="meta", weights_only=True, mmap=True))
+    return None
+
+
 class CrossEncoderTokenizer:
     """The pair tokenizer of a cross-encoder, usable without the model (Ray Data's CPU tokenising tasks).
 
@@ -217,12 +267,14 @@ class CrossEncoder(RankingModel):
         query_max_length: int | None = None,
         passage_max_length: int | None = None,
         attn_implementation: str = "sdpa",
+        require_head: bool = False,
         **model_kwargs: Any,
     ) -> CrossEncoder:
         """Load a cross-encoder from a local HF folder or a hub name.
 
         Max lengths: the arguments if given, else the ones saved with the checkpoint, else 30 / 200. A local
-        path that does not exist raises :class:`UserError` naming it."""
+        path that does not exist raises :class:`UserError` naming it. A checkpoint without a trained scoring
+        head gets a fresh one (a student's start); ``require_head=True`` (a teacher) refuses it instead."""
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = _check_path(name_or_path)
@@ -231,8 +283,9 @@ class CrossEncoder(RankingModel):
             archs = getattr(config, "architectures", None) or []
             if not any(a.endswith("ForSequenceClassification") for a in archs):
                 config.num_labels = 1  # no head yet: BERT_CAT's single-logit linear layer on CLS
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, attn_implementation=attn_implementation, **model_kwargs
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, attn_implementation=attn_implementation, output_loading_info=True,
+                **model_kwargs
             )
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
@@ -240,6 +293,8 @@ class CrossEncoder(RankingModel):
                 f"cannot load cross-encoder {path!r}: not a local model folder and not loadable from the "
                 f"Hugging Face hub (offline? misspelt?): {e}"
             ) from None
+        if require_head and info.get("missing_keys"):
+            raise UserError(_no_head_message(name_or_path, sorted(info["missing_keys"])))
         qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
         out = cls(model, tokenizer, query_max_length=qlen, passage_max_length=plen)
         out.eval()
