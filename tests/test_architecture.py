@@ -5,7 +5,9 @@
 - formats, models and losses know nothing of Ray and nothing of the stages (DESIGN.md: "formats and models know
   nothing of Ray; stages use Ray"; a loss is a pure function);
 - no stage imports another stage's private (underscore) names, and evaluate reads runs and qrels through
-  :mod:`raykd.runs`, not through the search stage.
+  :mod:`raykd.runs`, not through the search stage;
+- outside the stages only raykd.runtime (connecting) and raykd.log (quieting Ray's loggers) import Ray, and only
+  the generated CLI (raykd.cli, which jobs/*.py call) imports a stage (docs/architecture.md, "Floors").
 """
 
 from __future__ import annotations
@@ -133,3 +135,22 @@ def test_the_private_name_check_sees_a_private_import(tmp_path):
     names = _imports(path, "raykd.stages.evaluate")
     assert "raykd.stages.search._load_scorer" in names and _stage_of("raykd.stages.search._load_scorer") == "search"
     assert _stage_of("raykd.stages.score.plan") == "score" and _stage_of("raykd.storage") is None
+
+
+# the floors of docs/architecture.md: where Ray may be imported, and what may import a stage
+RAY_MODULES = ("raykd.stages", "raykd.runtime", "raykd.log")  # stages; connecting to Ray; quieting its loggers
+DRIVERS = ("raykd.cli",)  # generated from the stage configs; jobs/*.py call it
+
+
+def test_only_stages_runtime_and_log_import_ray_and_only_drivers_import_stages():
+    offenders = []
+    for module, names in _all_imports("raykd").items():
+        if module.startswith("raykd.stages"):  # stages use Ray; the demo stage calls the others
+            continue
+        ray = [n for n in names if n == "ray" or n.startswith("ray.")]
+        stages = [n for n in names if n.startswith("raykd.stages")]
+        if ray and not module.startswith(RAY_MODULES):
+            offenders.append(f"{module} imports {', '.join(sorted(ray))}")
+        if stages and not module.startswith(DRIVERS):
+            offenders.append(f"{module} imports {', '.join(sorted(stages))}")
+    assert not offenders, "; ".join(sorted(offenders))
