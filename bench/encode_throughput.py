@@ -95,9 +95,10 @@ def main() -> None:
     from raykd import dense_index as dx
     from raykd import metrics
     from raykd.formats import trec
+    from raykd.runs import store_qrels
     from raykd.stages.index import IndexConfig, index
     from raykd.stages.prepare import PrepareConfig, prepare
-    from raykd.stages.search import SearchConfig, search, store_qrels
+    from raykd.stages.search import SearchConfig, search
 
     store = os.path.join(work, "store")
     prepare(PrepareConfig(beir=os.path.join(work, "beir"), out=store))

@@ -88,10 +88,6 @@ def build(cls: type[T], config_file: str | None = None, **overrides: Any) -> T:
     return cls(**values)
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the command-line options of a config dataclass
 

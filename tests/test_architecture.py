@@ -3,7 +3,11 @@
 - no cycle among raykd's modules (a function-level import counts as much as a top-level one: a cycle through a
   lazy import is still two modules that each need the other);
 - formats, models and losses know nothing of Ray and nothing of the stages (DESIGN.md: "formats and models know
-  nothing of Ray; stages use Ray"; a loss is a pure function).
+  nothing of Ray; stages use Ray"; a loss is a pure function);
+- no stage imports another stage's private (underscore) names, and evaluate reads runs and qrels through
+  :mod:`raykd.runs`, not through the search stage;
+- outside the stages only raykd.runtime (connecting) and raykd.log (quieting Ray's loggers) import Ray, and only
+  the generated CLI (raykd.cli, which jobs/*.py call) imports a stage (docs/architecture.md, "Floors").
 """
 
 from __future__ import annotations
@@ -101,3 +105,52 @@ def test_formats_models_and_losses_import_neither_ray_nor_the_stages():
             if bad:
                 offenders.append(f"{module} imports {', '.join(bad)}")
     assert not offenders, "; ".join(offenders)
+
+
+def _stage_of(module: str) -> str | None:
+    """``raykd.stages.score.plan`` -> ``score``: a stage package's modules are one stage."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["raykd", "stages"] else None
+
+
+def test_no_stage_imports_another_stages_private_names():
+    offenders = []
+    for module, names in _all_imports("raykd.stages").items():
+        for name in names:
+            other = _stage_of(name)
+            if other and other != _stage_of(module) and any(p.startswith("_") for p in name.split(".")[3:]):
+                offenders.append(f"{module} imports {name}")
+    assert not offenders, "; ".join(sorted(offenders))
+
+
+def test_evaluate_reads_runs_and_qrels_without_the_search_stage():
+    imports = _all_imports("raykd.stages.evaluate")["raykd.stages.evaluate"]
+    assert not [n for n in imports if n.startswith("raykd.stages.search")]
+    assert {"raykd.runs.run_file", "raykd.runs.store_qrels"} <= imports
+
+
+def test_the_private_name_check_sees_a_private_import(tmp_path):
+    path = tmp_path / "evaluate.py"
+    path.write_text("from raykd.stages.search import _load_scorer\nfrom .plan import _steps\n")
+    names = _imports(path, "raykd.stages.evaluate")
+    assert "raykd.stages.search._load_scorer" in names and _stage_of("raykd.stages.search._load_scorer") == "search"
+    assert _stage_of("raykd.stages.score.plan") == "score" and _stage_of("raykd.storage") is None
+
+
+# the floors of docs/architecture.md: where Ray may be imported, and what may import a stage
+RAY_MODULES = ("raykd.stages", "raykd.runtime", "raykd.log")  # stages; connecting to Ray; quieting its loggers
+DRIVERS = ("raykd.cli",)  # generated from the stage configs; jobs/*.py call it
+
+
+def test_only_stages_runtime_and_log_import_ray_and_only_drivers_import_stages():
+    offenders = []
+    for module, names in _all_imports("raykd").items():
+        if module.startswith("raykd.stages"):  # stages use Ray; the demo stage calls the others
+            continue
+        ray = [n for n in names if n == "ray" or n.startswith("ray.")]
+        stages = [n for n in names if n.startswith("raykd.stages")]
+        if ray and not module.startswith(RAY_MODULES):
+            offenders.append(f"{module} imports {', '.join(sorted(ray))}")
+        if stages and not module.startswith(DRIVERS):
+            offenders.append(f"{module} imports {', '.join(sorted(stages))}")
+    assert not offenders, "; ".join(sorted(offenders))

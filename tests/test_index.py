@@ -47,7 +47,7 @@ def _search(store, idx, out, split="test", **kw):
 
 def _qrels(store, split):
     from raykd.formats.store import TextStore
-    from raykd.stages.search import store_qrels
+    from raykd.runs import store_qrels
 
     return store_qrels(TextStore(store), split)
 

@@ -12,7 +12,8 @@ from raykd import fusion, metrics, storage
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.formats.store import TextStore
-from raykd.stages.search import SearchConfig, search, store_qrels
+from raykd.runs import store_qrels
+from raykd.stages.search import SearchConfig, search
 
 
 @pytest.fixture(scope="module")

@@ -147,8 +147,10 @@ class EncoderFolder:
     def from_pretrained(cls, name_or_path: str, **kw):
         """From a saved raykd folder of this kind (its options) or any HF encoder as the initialisation (a hub
         name or a path); ``kw`` overrides options."""
+        from transformers import AutoTokenizer
+
         opts = saved_options(name_or_path, cls.name, cls.OPTIONS, kw)
-        model = cls(load_hf_encoder(name_or_path), load_tokenizer(name_or_path), **opts)
+        model = cls(load_hf_encoder(name_or_path), AutoTokenizer.from_pretrained(name_or_path), **opts)
         if cls.HEAD_FILE:
             load_head(getattr(model, cls.HEAD_ATTR), name_or_path, cls.HEAD_FILE)
         return model
@@ -173,12 +175,6 @@ def load_hf_encoder(name_or_path: str):
         return AutoModel.from_pretrained(name_or_path, config=config, add_pooling_layer=False)
     except TypeError:
         return AutoModel.from_pretrained(name_or_path, config=config)
-
-
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def tokenize_triples(model: RankingModel, queries: list[str], positives: list[str], negatives: list[str]) -> dict:

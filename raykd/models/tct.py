@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from raykd.errors import UserError
-from raykd.models.base import load_hf_encoder, load_tokenizer, saved_options
+from raykd.models.base import load_hf_encoder, saved_options
 from raykd.models.bi_encoder import BertDot
 
 TCT_QUERY_LENGTH = 36  # pyserini's TctColBertQueryEncoder: "hardcode for now"
@@ -115,7 +115,9 @@ class TctBiEncoder(BertDot):
         unknown = sorted(set(kw) - set(cls.OPTIONS))
         if unknown:
             raise UserError(f"unknown TCT student option(s) {', '.join(unknown)}; known: {', '.join(cls.OPTIONS)}")
-        return cls(load_hf_encoder(path), load_tokenizer(path), **saved_options(path, cls.name, cls.OPTIONS, kw))
+        from transformers import AutoTokenizer
+
+        return cls(load_hf_encoder(path), AutoTokenizer.from_pretrained(path), **saved_options(path, cls.name, cls.OPTIONS, kw))
 
     @classmethod
     def from_teacher(cls, teacher: torch.nn.Module, **kwargs: Any) -> TctBiEncoder:

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from raykd.models.base import RankingModel, group_size, load_tokenizer, read_raykd_config, write_raykd_config
+from raykd.models.base import RankingModel, group_size, read_raykd_config, write_raykd_config
 
 WEIGHTS_FILE = "tk.safetensors"
 DEFAULT_MUS = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1, -0.1, -0.3, -0.5, -0.7, -0.9)
@@ -68,11 +68,11 @@ class TK(RankingModel):
     @classmethod
     def from_init(cls, name_or_path: str, **kw) -> TK:
         """A new TK whose word embeddings (and tokenizer) come from a hub/path transformers model."""
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoTokenizer
 
         src = AutoModel.from_pretrained(name_or_path)
         weights = src.get_input_embeddings().weight.detach().clone()
-        model = cls(load_tokenizer(name_or_path), weights.shape[0], weights.shape[1], **kw)
+        model = cls(AutoTokenizer.from_pretrained(name_or_path), weights.shape[0], weights.shape[1], **kw)
         model.embeddings.weight.data.copy_(weights)
         return model
 
@@ -82,11 +82,12 @@ class TK(RankingModel):
         if not saved or saved.get("kind") != cls.name:
             return cls.from_init(name_or_path, **kw)
         from safetensors.torch import load_file
+        from transformers import AutoTokenizer
 
         opts = {k: saved[k] for k in ("vocab_size", "embedding_dim", "layers", "heads", "ff_dim", "mus", "sigma",
                                       "query_max_length", "passage_max_length")}
         opts.update({k: v for k, v in kw.items() if v is not None})
-        model = cls(load_tokenizer(name_or_path), **opts)
+        model = cls(AutoTokenizer.from_pretrained(name_or_path), **opts)
         model.load_state_dict(load_file(os.path.join(name_or_path, WEIGHTS_FILE)))
         return model
 

@@ -307,7 +307,7 @@ def _min_val(cfg: DemoConfig) -> float:
 def _side_by_side(cfg: DemoConfig) -> bool:
     """Whether two training runs should share the machine. Side by side their start-up costs overlap, but
     2-worker DDP on oversubscribed cores waits on descheduled peers at every all-reduce (measured in
-    docs/demo.md, "Side by side or one after the other")."""
+    docs/demo.md, "Why the demo is built this way")."""
     choice = str(cfg.side_by_side).lower()
     if choice in ("yes", "true", "1"):
         return True

@@ -30,6 +30,7 @@ from raykd.config import field
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.log import get_logger
+from raykd.runs import run_file, store_qrels
 
 log = get_logger("evaluate")
 FORMAT = "raykd.evaluation"
@@ -78,7 +79,6 @@ def load_qrels(cfg: EvaluateConfig) -> tuple[dict, object | None]:
         return trec.read_qrels(cfg.qrels), None
     if cfg.data and cfg.split:
         from raykd.formats.store import TextStore
-        from raykd.stages.search import store_qrels
 
         store = TextStore(cfg.data)
         return store_qrels(store, cfg.split), store
@@ -94,8 +94,6 @@ def _check_docs(path: str, store) -> None:
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """``{run name: Evaluation dict (+ latency_ms)}``; writes the report files when ``cfg.out`` is set."""
-    from raykd.stages.search import run_file
-
     if not cfg.run:
         raise UserError("evaluate needs at least one --run")
     if cfg.names and len(cfg.names) != len(cfg.run):

@@ -41,10 +41,9 @@ from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.formats.store import TextStore
 from raykd.log import Progress, get_logger
+from raykd.runs import FORMAT, VERSION, run_file, store_qrels
 
 log = get_logger("search")
-FORMAT = "raykd.run"
-VERSION = 1
 
 
 @dataclass
@@ -87,16 +86,6 @@ class SearchConfig:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def run_file(uri: str) -> str:
-    """The TREC file of a run given as a file or as a search output URI."""
-    if storage.has_manifest(uri):
-        storage.read_manifest(uri, stage="search", format=FORMAT)
-        return storage.join(uri, "run.trec")
-    if not storage.exists(uri):
-        raise UserError(f"run {uri} does not exist")
-    return uri
-
-
 def split_queries(store: TextStore, split: str) -> pa.Table:
     """The split's queries; an empty query text is an error naming the row and query id."""
     t = store.queries(split)
@@ -106,16 +95,6 @@ def split_queries(store: TextStore, split: str) -> pa.Table:
             raise FormatError(uri, None, f"row {row}: query {qid} has an empty text; a query needs words to retrieve "
                                          f"with (drop it when preparing the store)")
     return t
-
-
-def store_qrels(store: TextStore, split: str) -> dict[str, dict[str, int]]:
-    if not store.has_qrels(split):
-        raise UserError(f"{store.uri}: split {split!r} has no qrels")
-    t = store.qrels(split)
-    out: dict[str, dict[str, int]] = {}
-    for q, d, r in zip(t["query_id"].to_pylist(), t["doc_id"].to_pylist(), t["relevance"].to_pylist()):
-        out.setdefault(q, {})[d] = int(r)
-    return out
 
 
 def read_store_run(uri: str, store: TextStore, split: str, k: int | None = None) -> trec.Run:
@@ -198,24 +177,16 @@ def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -> 
     return run
 
 
-def _load_scorer(path: str):
-    try:
-        from raykd.models.registry import load_scorer
-    except ImportError:  # before the registry existed: plain HF cross-encoders
-        from raykd.models.cross_encoder import CrossEncoder
-
-        return CrossEncoder.from_pretrained(path)
-    return load_scorer(path)
-
-
 def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -> trec.Run:
     import torch
+
+    from raykd.models.registry import load_scorer
 
     candidates = read_store_run(cfg.rerank, store, split, k=cfg.k)
     queries = split_queries(store, split)
     qtext = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist()))
     pid_of = store.pid_of_doc_id()
-    model = _load_scorer(cfg.scorer)
+    model = load_scorer(cfg.scorer)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]

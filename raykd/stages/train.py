@@ -254,12 +254,8 @@ class TripleCollate:
 def _collate_class():
     from ray.data.collate_fn import NumpyBatchCollateFn
 
-    class _Collate(NumpyBatchCollateFn, TripleCollate):
-        def __init__(self, model, spec):
-            TripleCollate.__init__(self, model, spec)
-
-        def __call__(self, batch):
-            return TripleCollate.__call__(self, batch)
+    class _Collate(TripleCollate, NumpyBatchCollateFn):  # TripleCollate first: its __init__ and __call__ win
+        pass
 
     return _Collate
 
