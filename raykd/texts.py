@@ -171,7 +171,8 @@ class TextLookup:
         return blk, row
 
     def take(self, ids) -> pa.Array:
-        """The texts of ``ids`` in order, as one Arrow string array (combine only what a batch needs)."""
+        """The texts of ``ids`` in order, as one Arrow string array: for a batch (its text must stay under
+        2 GiB); :meth:`texts` has no such bound."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return pa.array([], pa.string())
@@ -187,7 +188,17 @@ class TextLookup:
         return out.take(pa.array(inverse))
 
     def texts(self, ids) -> list[str]:
-        return self.take(ids).to_pylist()
+        """The texts of ``ids`` in order, as Python strings (block by block: no combined array, any size)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out: list = [None] * len(ids)
+        if ids.size == 0:
+            return out
+        blk, row = self._locate(ids)
+        for b in np.unique(blk):
+            m = np.flatnonzero(blk == b)
+            for i, t in zip(m.tolist(), self.blocks[b]["text"].take(pa.array(row[m])).to_pylist()):
+                out[i] = t
+        return out
 
     def __getitem__(self, key: int) -> str:
         return self.texts([key])[0]
@@ -262,7 +273,7 @@ def _part_blocks(uri: str, max_block_bytes: int, pids) -> Iterator[Any]:
 
 def _merged(max_block_bytes: int, *blocks: pa.Table) -> Iterator[pa.Table]:
     """Ray generator task body: overlapping blocks (a collection not in pid order) merged into ascending ones."""
-    for b in merge_blocks(blocks, max_block_bytes):  # a plain loop: Ray's generator tasks need a generator
+    for b in merge_blocks(blocks, max_block_bytes):  # noqa: UP028  Ray sends values in: `yield from` a list fails
         yield b
 
 

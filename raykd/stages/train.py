@@ -4,11 +4,11 @@ Inputs: a text store (``--data``, :mod:`raykd.formats.store`) and a scores outpu
 :mod:`raykd.formats.scores`; not needed by losses that need no teacher scores, e.g. ``labels``).
 
 Data path: the scores parts are read by Ray Data (``qid, pos_pid, neg_pid, pos_score, neg_score``), a small actor
-pool attaches the query and passage texts from the text store, and each training worker iterates its own
-shard (``get_dataset_shard``) of ONE stream holding as many passes over the triples as the steps need (each
-pass in its own seeded file order; the pipeline starts once per run, not once per epoch); the collate step (a
-background thread of the worker) tokenises with the student's tokenizer, so every optimizer step scores pos and
-neg in ONE forward pass.
+pool attaches the query and passage texts from the shared lookup (:mod:`raykd.texts`: pid-sorted blocks in the
+object store), and each training worker iterates its own shard (``get_dataset_shard``) of ONE stream holding as
+many epochs as the steps need, each epoch every triple once in an order fixed by (seed, epoch) (``epoch_order``);
+the collate step (a background thread of the worker) tokenises with the student's tokenizer, so every optimizer
+step scores pos and neg in ONE forward pass.
 
 The loop: AdamW, linear warm-up then linear decay to 0, gradient accumulation (DDP ``no_sync`` between
 micro-batches), bf16 autocast on GPU, gradient clipping, seeds. The step itself is the loss's training step
@@ -26,8 +26,8 @@ Output layout under ``--out``::
 
 Resume: a worker that dies is replaced and training restarts from the latest checkpoint (``max_failures``).
 Re-running with the same ``--out`` after the driver died resumes from the latest checkpoint in ``ray_train/``;
-re-running a finished output returns its manifest. The data position is not restored: a resumed run continues
-the step count (and the learning-rate schedule) on a fresh pass over the shuffled data.
+re-running a finished output returns its manifest. The data position is restored too: the stream is built
+at every start of the worker group (``TrainStream``) from the latest registered checkpoint's step.
 
 Validation (rank 0, at every ``validate_every`` steps and at the end): re-ranking MRR@10 over ``val_queries``
 queries of ``val_split`` that have qrels; each query's candidates are its relevant passages plus
