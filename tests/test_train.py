@@ -57,7 +57,7 @@ def _kill_a_worker_after_first_checkpoint(out: str, done: dict) -> None:
 
 def test_the_training_stream_holds_every_pass_once(ray_cluster, sample_store, scores_uri):
     """The steps' passes over the triples come as ONE Ray Data stream (started once per run, not per epoch):
-    every scored triple appears once per pass, with its texts attached."""
+    every scored triple appears once per pass, with its texts attached (the lookup's, compared with the store)."""
     from collections import Counter
 
     from raykd.formats.scores import TripleScores
@@ -72,6 +72,50 @@ def test_the_training_stream_holds_every_pass_once(ray_cluster, sample_store, sc
     counts = Counter((r["qid"], r["pos_pid"], r["neg_pid"]) for r in rows)
     assert all(c % 3 == 0 for c in counts.values())  # a triple listed k times appears 3k times
     assert all(r["query"] and r["positive"] and r["negative"] for r in rows)
+    from raykd.formats.store import TextStore
+
+    store = TextStore(sample_store)
+    assert [r["positive"] for r in rows[:40]] == store.passages([r["pos_pid"] for r in rows[:40]])
+    assert [r["negative"] for r in rows[:40]] == store.passages([r["neg_pid"] for r in rows[:40]])
+
+
+def _key(r) -> tuple:
+    return (int(r["qid"]), int(r["pos_pid"]), int(r["neg_pid"]))
+
+
+def test_every_epoch_visits_every_triple_once_in_a_shuffled_order(ray_cluster, sample_store, scores_uri):
+    """Data order (docs/train.md): an epoch is every triple once; the first batches mix many queries (the parts
+    are sorted by qid); the order is a function of (seed, epoch): the same seed gives the same stream, another
+    epoch or seed another order; a stream resumed at row r is the rest of the same order."""
+    from collections import Counter
+
+    from raykd.formats.scores import TripleScores
+    from raykd.formats.store import TextStore
+    from raykd.losses import get_loss
+    from raykd.stages.train import _dataset, shared_texts
+
+    scores = TripleScores(scores_uri)
+    triples = TextStore(sample_store).triples()
+    want = Counter(zip(*(triples[c].to_pylist() for c in ("qid", "pos_pid", "neg_pid"))))
+    n = triples.num_rows
+    cfg = _cfg(sample_store, scores_uri, "unused", "unused")
+    texts = shared_texts(cfg)
+    rows = _dataset(cfg, get_loss("margin_mse"), scores, passes=2, texts=texts).take_all()
+    assert len(rows) == 2 * n
+    first, second = [_key(r) for r in rows[:n]], [_key(r) for r in rows[n:]]
+    assert Counter(first) == want and Counter(second) == want  # each epoch: every triple exactly once
+    assert first != second  # each epoch in its own order
+    stored = [tuple(x) for x in zip(*(triples[c].to_pylist() for c in ("qid", "pos_pid", "neg_pid")))]
+    qids_in = lambda keys: len({k[0] for k in keys[: 4 * 32]})  # noqa: E731  distinct queries, first 4 batches of 32
+    assert qids_in(stored) <= 6 and qids_in(first) >= 30, (qids_in(stored), qids_in(first))
+    assert all(r["query"] and r["positive"] and r["negative"] for r in rows[:50])
+    again = _dataset(cfg, get_loss("margin_mse"), scores, passes=1, texts=texts).take_all()
+    assert [_key(r) for r in again] == first  # same seed, same order
+    other = _dataset(_cfg(sample_store, scores_uri, "unused", "unused", seed=7), get_loss("margin_mse"), scores,
+                     passes=1, texts=texts).take_all()
+    assert [_key(r) for r in other] != first and Counter(_key(r) for r in other) == want
+    resumed = _dataset(cfg, get_loss("margin_mse"), scores, passes=2, start_row=n - 100, texts=texts).take_all()
+    assert [_key(r) for r in resumed] == (first + second)[n - 100:]  # a resumed run continues the same order
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 Layout under the store URI::
 
-    corpus/part-NNNNN.parquet     pid int64, doc_id string, title string, text string   (sharded, pid-sorted
-                                  within a part)
+    corpus/part-NNNNN.parquet     pid int64, doc_id string, title string, text string   (sharded, in input
+                                  order)
     queries/<split>.parquet       qid int64, query_id string, text string
     qrels/<split>.parquet         qid int64, query_id string, pid int64 (null if not in the corpus),
                                   doc_id string, relevance int32
@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from functools import cached_property
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raykd import storage
+from raykd.texts import DEFAULT_MAX_BLOCK_BYTES, TextLookup, passage_lookup
+from raykd.texts import (
+    passage_text as passage_text,  # its home was here; score and search import it from here
+)
 
 FORMAT = "raykd.text_store"
 VERSION = 1
@@ -97,36 +99,29 @@ class TextStore:
         return storage.read_parquet(self.triples_uri)
 
     @cached_property
-    def _corpus_index(self) -> tuple[np.ndarray, pa.Table]:
-        t = self.corpus()
-        order = np.argsort(t["pid"].to_numpy())
-        t = t.take(pa.array(order))
-        return t["pid"].to_numpy(), t
+    def _passages(self) -> TextLookup:
+        return self.passage_lookup()
+
+    def passage_lookup(self, pids=None, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> TextLookup:
+        """The corpus (or only ``pids`` of it) as pid-sorted blocks of at most ``max_block_bytes``
+        (:mod:`raykd.texts`): no array over 2 GiB is built, however large the collection."""
+        return passage_lookup(self.corpus_parts(), pids, max_block_bytes, where=f"the corpus of {self.uri}")
+
+    def query_lookup(self, split: str) -> TextLookup:
+        return TextLookup.from_table(self.queries(split), "qid", "text", "qid", f"split {split!r} of {self.uri}")
 
     def passages(self, pids) -> list[str]:
-        """Texts (``title + " " + text`` when a title is present) of ``pids``, in order; small corpora only."""
-        keys, t = self._corpus_index
-        pids = np.asarray(pids, dtype=np.int64)
-        pos = np.searchsorted(keys, pids)
-        bad = (pos >= len(keys)) | (keys[np.minimum(pos, len(keys) - 1)] != pids)
-        if bad.any():
-            raise KeyError(f"{self.uri}: pid {int(pids[bad][0])} is not in the corpus")
-        titles = t["title"].take(pa.array(pos)).to_pylist()
-        texts = t["text"].take(pa.array(pos)).to_pylist()
-        return [f"{ti} {te}" if ti else te for ti, te in zip(titles, texts)]
+        """Texts (``title + " " + text`` when a title is present) of ``pids``, in order; a KeyError names a pid
+        that is not in the corpus. Holds the whole corpus in this process: a stage uses :mod:`raykd.texts`."""
+        return self._passages.texts(pids)
 
     def doc_ids(self, pids) -> list[str]:
-        keys, t = self._corpus_index
-        pos = np.searchsorted(keys, np.asarray(pids, dtype=np.int64))
-        return t["doc_id"].take(pa.array(pos)).to_pylist()
+        return self._doc_ids.texts(pids)
+
+    @cached_property
+    def _doc_ids(self) -> TextLookup:
+        return passage_lookup(self.corpus_parts(), text_column="doc_id", where=f"the corpus of {self.uri}")
 
     def pid_of_doc_id(self) -> dict[str, int]:
         t = self.corpus(columns=["pid", "doc_id"])
         return dict(zip(t["doc_id"].to_pylist(), t["pid"].to_pylist()))
-
-
-def passage_text(title, text) -> pa.Array:
-    """Vectorised ``title + " " + text`` (text alone where the title is empty), the BEIR convention."""
-    title = pc.fill_null(title, "")
-    joined = pc.binary_join_element_wise(title, text, " ")
-    return pc.if_else(pc.equal(pc.utf8_length(title), 0), text, joined)

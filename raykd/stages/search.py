@@ -190,14 +190,16 @@ def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
-    passages = store.passages([pid_of[d] for _, d in pairs])
+    # only the candidates' passages, read from the corpus parts into pid-sorted blocks (raykd.texts)
+    pids = np.array([pid_of[d] for _, d in pairs], dtype=np.int64)
+    passages = store.passage_lookup(pids=pids)
     scores = np.empty(len(pairs), dtype=np.float32)
     progress = Progress(log, "pairs re-ranked", len(pairs))
     t0 = time.perf_counter()
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         with torch.no_grad():
-            s = model.score([qtext[q] for q, _ in chunk], passages[i : i + cfg.batch_size])
+            s = model.score([qtext[q] for q, _ in chunk], passages.texts(pids[i : i + cfg.batch_size]))
         scores[i : i + len(chunk)] = s.float().cpu().numpy()
         progress.update(len(chunk))
     progress.close()

@@ -4,11 +4,11 @@ Inputs: a text store (``--data``, :mod:`raykd.formats.store`) and a scores outpu
 :mod:`raykd.formats.scores`; not needed by losses that need no teacher scores, e.g. ``labels``).
 
 Data path: the scores parts are read by Ray Data (``qid, pos_pid, neg_pid, pos_score, neg_score``), a small actor
-pool attaches the query and passage texts from the text store, and each training worker iterates its own
-shard (``get_dataset_shard``) of ONE stream holding as many passes over the triples as the steps need (each
-pass in its own seeded file order; the pipeline starts once per run, not once per epoch); the collate step (a
-background thread of the worker) tokenises with the student's tokenizer, so every optimizer step scores pos and
-neg in ONE forward pass.
+pool attaches the query and passage texts from the shared lookup (:mod:`raykd.texts`: pid-sorted blocks in the
+object store), and each training worker iterates its own shard (``get_dataset_shard``) of ONE stream holding as
+many epochs as the steps need, each epoch every triple once in an order fixed by (seed, epoch) (``epoch_order``);
+the collate step (a background thread of the worker) tokenises with the student's tokenizer, so every optimizer
+step scores pos and neg in ONE forward pass.
 
 The loop: AdamW, linear warm-up then linear decay to 0, gradient accumulation (DDP ``no_sync`` between
 micro-batches), bf16 autocast on GPU, gradient clipping, seeds. The step itself is the loss's training step
@@ -26,8 +26,8 @@ Output layout under ``--out``::
 
 Resume: a worker that dies is replaced and training restarts from the latest checkpoint (``max_failures``).
 Re-running with the same ``--out`` after the driver died resumes from the latest checkpoint in ``ray_train/``;
-re-running a finished output returns its manifest. The data position is not restored: a resumed run continues
-the step count (and the learning-rate schedule) on a fresh pass over the shuffled data.
+re-running a finished output returns its manifest. The data position is restored too: the stream is built
+at every start of the worker group (``TrainStream``) from the latest registered checkpoint's step.
 
 Validation (rank 0, at every ``validate_every`` steps and at the end): re-ranking MRR@10 over ``val_queries``
 queries of ``val_split`` that have qrels; each query's candidates are its relevant passages plus
@@ -96,7 +96,7 @@ class TrainConfig:
     log_every: int = field(10, help="Report metrics every N steps.", fingerprint=False)
     max_failures: int = field(3, help="Worker failures to recover from (restarting from the last checkpoint).", fingerprint=False)
     bf16: bool = field(True, help="bf16 autocast on GPU.")
-    shuffle_buffer: int = field(2000, help="Local shuffle buffer (rows) per worker; 0: off.")
+    shuffle_buffer: int = field(0, help="Local shuffle buffer (rows) per worker on top of the seeded order; 0: off.")
     data_workers: int = field(1, help="Actors attaching texts to the triples.", fingerprint=False)
     torch_threads: int | None = field(None, help="torch threads per worker (unset: max(1, cpus_per_worker)).", fingerprint=False)
     query_max_length: int | None = field(None, help="Student query max tokens (unset: the student's).")
@@ -161,41 +161,60 @@ def check_scores(scores) -> int:
 
 
 class AttachTexts:
-    """Ray Data actor: adds ``query``, ``positive``, ``negative`` texts to a batch of triples (pids -> texts from
-    the text store, held in memory once per actor)."""
+    """Ray Data actor: adds ``query``, ``positive``, ``negative`` texts to a batch of triples from the shared
+    lookups (:mod:`raykd.texts`: pid-sorted blocks in the object store, mapped zero-copy, no private copy)."""
 
-    def __init__(self, data_uri: str, split: str = "train"):
-        from raykd.formats.store import TextStore
-
-        self.store = TextStore(data_uri)
-        q = self.store.queries(split)
-        self.queries = dict(zip(q["qid"].to_pylist(), q["text"].to_pylist()))
+    def __init__(self, passages, queries):
+        self.passages, self.queries = passages.lookup(), queries.lookup()
 
     def __call__(self, batch: dict) -> dict:
         try:
-            batch["query"] = np.array([self.queries[int(x)] for x in batch["qid"]], dtype=object)
+            batch["query"] = self.queries.take(batch["qid"]).to_numpy(zero_copy_only=False)
         except KeyError as e:
-            raise UserError(f"{self.store.uri}: training qid {e.args[0]} has no query text in split 'train'") from None
-        batch["positive"] = np.array(self.store.passages(batch["pos_pid"]), dtype=object)
-        batch["negative"] = np.array(self.store.passages(batch["neg_pid"]), dtype=object)
+            raise UserError(f"training {e.args[0]}") from None
+        batch["positive"] = self.passages.take(batch["pos_pid"]).to_numpy(zero_copy_only=False)
+        batch["negative"] = self.passages.take(batch["neg_pid"]).to_numpy(zero_copy_only=False)
         return batch
 
 
+def epoch_order(parts: list[tuple[str, int]], seed: int, start_row: int, end_row: int) -> list[dict]:
+    """What the stream reads, as a pure function of (seed, epoch): every epoch visits every part once in an
+    order drawn with ``(seed, epoch)`` and each part's rows in an order drawn with ``(seed, epoch, part)``;
+    rows ``[start_row, end_row)`` of the concatenated epochs (a resumed run starts where its checkpoint was).
+    Items: ``{"uri", "part", "epoch", "skip", "rows"}``: read the part, permute, drop ``skip`` rows, keep ``rows``."""
+    n = sum(r for _, r in parts)
+    if n == 0:
+        return []
+    items, pos, epoch = [], (start_row // n) * n, start_row // n
+    while pos < end_row:
+        for i in np.random.default_rng([seed, epoch]).permutation(len(parts)):
+            uri, rows = parts[i]
+            lo, hi = max(pos, start_row), min(pos + rows, end_row)
+            if hi > lo:
+                items.append({"uri": uri, "part": int(i), "epoch": epoch, "skip": lo - pos, "rows": hi - lo,
+                              "seed": seed})
+            pos += rows
+            if pos >= end_row:
+                break
+        epoch += 1
+    return items
+
+
 def _read_part(batch: dict, columns: list[str]) -> pa.Table:
-    """Ray Data task: the Parquet parts of triples named in the batch's ``uri`` column, ``columns`` of them."""
+    """Ray Data task: the Parquet parts named in the batch, each in its seeded row order (``epoch_order``)."""
     tables = []
-    for uri in batch["uri"]:
+    for uri, part, epoch, skip, rows, seed in zip(batch["uri"], batch["part"], batch["epoch"], batch["skip"],
+                                                 batch["rows"], batch["seed"]):
         fs, path = storage.filesystem(str(uri))
         with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+            t = pq.read_table(f, columns=columns)
+        order = np.random.default_rng([int(seed), int(epoch), int(part)]).permutation(t.num_rows)
+        tables.append(t.take(pa.array(order[int(skip): int(skip) + int(rows)])))
     return pa.concat_tables(tables)
 
 
-def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1):
-    """The training stream: ``passes`` passes over the triples' Parquet parts, each pass in its own seeded part
-    order, as ONE Ray Data pipeline that starts once per run, not once per epoch (docs/train.md, "Data path")."""
-    import ray.data
-
+def _triple_parts(cfg: TrainConfig, scores) -> tuple[list[tuple[str, int]], list[str]]:
+    """The triples' Parquet parts with their row counts (from the footers), and the columns to read."""
     if scores is not None:
         uris = list(scores.part_uris)
         cols = ["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"]
@@ -207,22 +226,74 @@ def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1):
             raise UserError(f"{cfg.data}: the text store has no training triples")
         uris = list(storage.parquet_parts(store.triples_uri))
         cols = ["qid", "pos_pid", "neg_pid"]
-    items = []
-    for p in range(max(1, passes)):
-        order = list(uris)
-        random.Random(cfg.seed + p).shuffle(order)
-        items += [{"uri": u} for u in order]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    parts = []
+    for u in uris:
+        fs, path = storage.filesystem(u)
+        with fs.open(path, "rb") as f:
+            parts.append((u, pq.ParquetFile(f).metadata.num_rows))
+    return parts, cols
+
+
+def shared_texts(cfg: TrainConfig):
+    """The corpus and the training queries in the object store, once per run (:mod:`raykd.texts`)."""
+    from raykd import texts
+    from raykd.formats.store import TextStore
+
+    store = TextStore(cfg.data)
+    return (texts.share_passages(store.corpus_parts(), where=f"the corpus of {store.uri}"),
+            texts.share(store.query_lookup("train")))
+
+
+def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1, start_row: int = 0, texts=None, parts=None):
+    """The training stream: rows ``[start_row, passes x triples)`` in the order ``epoch_order`` fixes, as ONE
+    Ray Data pipeline that starts once per run (docs/train.md, "Data order")."""
+    import ray.data
+
+    if parts is None:
+        parts = _triple_parts(cfg, scores)
+    parts, cols = parts
+    n = sum(r for _, r in parts)
+    items = epoch_order(parts, cfg.seed, start_row, max(1, passes) * n)
+    passages, queries = texts or shared_texts(cfg)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds.context.execution_options.preserve_order = True  # the order is a function of (seed, epoch): keep it
     ds = ds.map_batches(_read_part, fn_kwargs={"columns": cols}, batch_size=1, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(
         AttachTexts,
-        fn_constructor_args=(cfg.data,),
+        fn_constructor_args=(passages, queries),
         batch_format="numpy",
         batch_size=1024,
         num_cpus=0.25,
         compute=ray.data.ActorPoolStrategy(size=max(1, cfg.data_workers)),
     )
     return ds
+
+
+class TrainStream:
+    """The dataset Ray Train builds at every worker-group start (first start, and after a worker failure or a
+    driver re-run): it resumes the stream at the latest registered checkpoint's step, so a resumed run continues
+    the same order instead of starting a fresh pass."""
+
+    def __init__(self, cfg: TrainConfig, spec, scores, passes: int, per_step: int, texts, parts):
+        self.args = (cfg, spec, scores, passes)
+        self.per_step, self.texts, self.parts = per_step, texts, parts
+
+    def resumed_step(self) -> int:
+        import ray.train
+
+        cfg = self.args[0]
+        fs, path = storage.arrow_filesystem(storage.join(cfg.out, RUN_NAME))
+        try:
+            result = ray.train.Result.from_path(path, storage_filesystem=fs)
+        except Exception:  # no snapshot yet: a fresh run
+            return 0
+        return int((result.metrics or {}).get("step", 0)) if result.checkpoint is not None else 0
+
+    def __call__(self):
+        step = self.resumed_step()
+        if step:
+            log.info("data stream resumes at step %d (row %s of the epoch order)", step, f"{step * self.per_step:,}")
+        return _dataset(*self.args, start_row=step * self.per_step, texts=self.texts, parts=self.parts)
 
 
 class TripleCollate:
@@ -285,17 +356,18 @@ def validation_set(cfg: TrainConfig) -> list[dict]:
     rng.shuffle(qids)
     qids = sorted(qids[: cfg.val_queries])
     all_pids = store.corpus(columns=["pid"])["pid"].to_numpy()
-    out = []
+    candidates = []
     for qid in qids:
         negs: list[int] = []
         while len(negs) < min(cfg.val_negatives, len(all_pids) - len(rel[qid])):
             pid = int(all_pids[rng.randrange(len(all_pids))])
             if pid not in rel[qid] and pid not in negs:
                 negs.append(pid)
-        pids = negs + sorted(rel[qid])  # negatives first: a tie never helps the student
-        out.append({"qid": qid, "query": texts[qid], "passages": store.passages(pids),
-                    "relevant": [p in rel[qid] for p in pids]})
-    return out
+        candidates.append((qid, negs + sorted(rel[qid])))  # negatives first: a tie never helps the student
+    # only the candidates' passages are kept while the corpus parts stream by
+    passages = store.passage_lookup(pids=[p for _, pids in candidates for p in pids])
+    return [{"qid": qid, "query": texts[qid], "passages": passages.texts(pids),
+             "relevant": [p in rel[qid] for p in pids]} for qid, pids in candidates]
 
 
 def mrr_at_10(model, val: list[dict], batch_size: int = 64) -> float:
@@ -530,12 +602,20 @@ def train(cfg: TrainConfig) -> storage.Manifest:
              cfg.student, f"{n_triples:,}", cfg.loss, total_steps, per_step, cfg.workers, len(val))
 
     init_ray()
+    parts = _triple_parts(cfg, scores)
+    t_texts = time.time()
+    texts = shared_texts(cfg)
+    log.info("texts in the object store: %d passage block(s) in %.1f s", len(texts[0].refs), time.time() - t_texts)
     # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost at each end of every run,
     # which shows in short runs (propagated from the driver's environment; a value set by the user wins)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     fs, path = storage.arrow_filesystem(cfg.out)
     if not storage.is_s3(cfg.out):
         os.makedirs(path, exist_ok=True)
+    from ray.data import DataContext
+
+    data_ctx = DataContext.get_current()  # Ray Train copies it when the trainer is made: keep the stream's order
+    kept_order, data_ctx.execution_options.preserve_order = data_ctx.execution_options.preserve_order, True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": dataclasses.asdict(cfg), "total_steps": total_steps, "val": val,
@@ -552,8 +632,9 @@ def train(cfg: TrainConfig) -> storage.Manifest:
             worker_runtime_env={"env_vars": storage.worker_env()},
             logging_config=ray_train_logging(),
         ),
-        datasets={"train": _dataset(cfg, spec, scores, passes)},
+        datasets={"train": TrainStream(cfg, spec, scores, passes, per_step, texts, parts)},
     )
+    data_ctx.execution_options.preserve_order = kept_order
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; keep its message, say how to resume
