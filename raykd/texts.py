@@ -12,17 +12,15 @@ appended to the current block while the ids keep ascending (MS MARCO's collectio
 do); a collection in another order yields overlapping blocks, which are merged once into ascending ones.
 ``pids=`` keeps only the passages asked for (validation, re-ranking) while the parts stream by.
 
-Sharing across processes: :func:`share` / :func:`share_passages` put the blocks in Ray's object store once
-(one object per block, owned by the caller); :meth:`SharedTexts.lookup` in any task or actor maps them
-zero-copy, so a node holds one copy however many actors read it. Nothing here imports Ray at module level:
-the lookup itself is plain pyarrow + numpy.
+Sharing across processes lives with the stages (:mod:`raykd.stages.shared_texts`): ``share`` /
+``share_passages`` put the blocks in Ray's object store once (one object per block, owned by the caller);
+``SharedTexts.lookup`` in any task or actor maps them zero-copy, so a node holds one copy however many actors
+read it. This module is plain pyarrow + numpy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -236,63 +234,3 @@ def passage_lookup(part_uris: Sequence[str], pids=None, max_block_bytes: int = D
     """The corpus parts (or only ``pids`` of them) as a :class:`TextLookup` in this process."""
     blocks = sorted_blocks(passage_batches(part_uris, pids, text_column=text_column), max_block_bytes)
     return TextLookup(merge_blocks(blocks, max_block_bytes), "pid", where)
-
-
-# ------------------------------------------------------------------------------------ sharing through Ray
-
-
-@dataclass
-class SharedTexts:
-    """Object-store references to a lookup's blocks: small and picklable, so tasks and actors take it as an
-    argument; :meth:`lookup` maps the blocks zero-copy (Arrow buffers in the node's shared memory)."""
-
-    refs: list
-    what: str = "id"
-    where: str = ""
-
-    def lookup(self) -> TextLookup:
-        import ray
-
-        return TextLookup(ray.get(list(self.refs)), self.what, self.where)
-
-
-def share(lookup: TextLookup) -> SharedTexts:
-    """Put a lookup built in this process into the object store, one object per block."""
-    import ray
-
-    return SharedTexts([ray.put(b) for b in lookup.blocks], lookup.what, lookup.where)
-
-
-def _part_blocks(uri: str, max_block_bytes: int, pids) -> Iterator[Any]:
-    """Ray generator task body: one corpus part's sorted blocks, each preceded by its size (so the caller
-    never fetches a block to learn about it)."""
-    for b in sorted_blocks(passage_batches([uri], pids), max_block_bytes):
-        yield {"rows": b.num_rows, "nbytes": b.nbytes, "lo": int(b["id"][0].as_py()), "hi": int(b["id"][-1].as_py())}
-        yield b
-
-
-def _merged(max_block_bytes: int, *blocks: pa.Table) -> Iterator[pa.Table]:
-    """Ray generator task body: overlapping blocks (a collection not in pid order) merged into ascending ones."""
-    for b in merge_blocks(blocks, max_block_bytes):  # noqa: UP028  Ray sends values in: `yield from` a list fails
-        yield b
-
-
-def share_passages(part_uris: Sequence[str], pids=None, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-                   where: str = "the corpus", memory: int | None = None) -> SharedTexts:
-    """The corpus parts as blocks in the object store, read and sorted by one Ray task per part (the driver
-    never holds the texts); the blocks are owned by the caller, so they live as long as it does."""
-    import ray
-
-    read = ray.remote(_part_blocks).options(num_cpus=0.25, memory=memory)
-    gens = [read.remote(str(u), max_block_bytes, pids) for u in part_uris]
-    metas, refs = [], []
-    for g in gens:
-        for meta_ref in g:
-            metas.append(ray.get(meta_ref))
-            refs.append(next(g))
-    order = sorted(range(len(metas)), key=lambda i: metas[i]["lo"])
-    metas, refs = [metas[i] for i in order], [refs[i] for i in order]
-    if any(a["hi"] >= b["lo"] for a, b in zip(metas, metas[1:])):  # not in pid order: one merge task
-        merge = ray.remote(_merged).options(num_cpus=0.25, memory=memory)
-        refs = list(merge.remote(max_block_bytes, *refs))
-    return SharedTexts(refs, "pid", where)

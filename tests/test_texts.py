@@ -12,6 +12,7 @@ import pytest
 
 from raykd import texts
 from raykd.formats.store import TextStore
+from raykd.stages import shared_texts
 
 
 def _naive(store_uri: str) -> dict[int, str]:
@@ -99,16 +100,16 @@ def test_shared_blocks_are_read_by_tasks(ray_cluster, sample_store, tmp_path):
     import ray
 
     @ray.remote
-    def lookup_in_a_task(shared: texts.SharedTexts, ids: list[int]) -> list[str]:
+    def lookup_in_a_task(shared: shared_texts.SharedTexts, ids: list[int]) -> list[str]:
         return shared.lookup().texts(ids)
 
     want = _naive(sample_store)
-    shared = texts.share_passages(TextStore(sample_store).corpus_parts(), max_block_bytes=4096)
+    shared = shared_texts.share_passages(TextStore(sample_store).corpus_parts(), max_block_bytes=4096)
     assert len(shared.refs) > 10
     pids = sorted(want)[::-5]
     assert ray.get(lookup_in_a_task.remote(shared, pids)) == [want[p] for p in pids]
     # in no pid order: the per-part blocks overlap and are merged by one task
     uris, want2 = _shuffled_parts(tmp_path)
-    shared2 = texts.share_passages(uris, max_block_bytes=2048)
+    shared2 = shared_texts.share_passages(uris, max_block_bytes=2048)
     ids = list(want2)[:100]
     assert ray.get(lookup_in_a_task.remote(shared2, ids)) == [want2[p] for p in ids]

@@ -236,12 +236,12 @@ def _triple_parts(cfg: TrainConfig, scores) -> tuple[list[tuple[str, int]], list
 
 def shared_texts(cfg: TrainConfig):
     """The corpus and the training queries in the object store, once per run (:mod:`raykd.texts`)."""
-    from raykd import texts
     from raykd.formats.store import TextStore
+    from raykd.stages import shared_texts as sharing
 
     store = TextStore(cfg.data)
-    return (texts.share_passages(store.corpus_parts(), where=f"the corpus of {store.uri}"),
-            texts.share(store.query_lookup("train")))
+    return (sharing.share_passages(store.corpus_parts(), where=f"the corpus of {store.uri}"),
+            sharing.share(store.query_lookup("train")))
 
 
 def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1, start_row: int = 0, texts=None, parts=None):
