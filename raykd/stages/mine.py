@@ -151,10 +151,16 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def plan(cfg: MineConfig, out: str) -> dict:
-    """The plan step (see the module docstring); returns plan.json's content. Skipped when plan.json exists."""
+    """The plan step (see the module docstring); returns plan.json's content. Skipped when plan.json exists
+    and every part not yet committed still has its run part (the plan is a function of the fingerprinted
+    settings, so planning again gives the same parts)."""
     plan_uri = storage.join(out, "_plan", "plan.json")
     if storage.exists(plan_uri):
-        return json.loads(storage.read_bytes(plan_uri))
+        done = set(storage.listdir(storage.join(out, "_parts")))
+        content = json.loads(storage.read_bytes(plan_uri))
+        runs = set(storage.listdir(storage.join(out, "_plan")))
+        if all(f"part-{p['part']:05d}.json" in done or f"run-{p['part']:05d}.parquet" in runs for p in content["parts"]):
+            return content
     t = _run_ids(cfg)
     qid = t["qid"].to_numpy()
     start = _group_starts(qid)
