@@ -141,3 +141,20 @@ def test_finished_resume_and_refusal(mini):
     assert again.counts["triples"] == first.counts["triples"]
     with pytest.raises(UserError, match="skip < depth"):
         mine(_cfg(mini, str(mini["root"] / "bad"), skip=30))
+
+
+def test_run_table_reads_trec_and_msmarco_runs_and_names_a_bad_line(tmp_path):
+    from raykd.errors import FormatError
+    from raykd.runs import run_table
+
+    trec = tmp_path / "run.trec"
+    trec.write_text("q1 Q0 d1 1 2.5 bm25\nq1 Q0 d2 2 1.5 bm25\nq2 Q0 d1 1 0.5 bm25\n")
+    t = run_table(str(trec))
+    assert t.to_pydict() == {"query_id": ["q1", "q1", "q2"], "doc_id": ["d1", "d2", "d1"], "score": [2.5, 1.5, 0.5]}
+    msmarco = tmp_path / "run.tsv"
+    msmarco.write_text("7\t100\t1\n7\t200\t2\n")
+    assert run_table(str(msmarco))["score"].to_pylist() == [-1.0, -2.0]
+    bad = tmp_path / "bad.trec"
+    bad.write_text("q1 Q0 d1 1 2.5 bm25\nq1 Q0 d2 2 x bm25\n")
+    with pytest.raises(FormatError, match="line 2.*score 'x'"):
+        run_table(str(bad))
