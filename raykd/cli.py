@@ -192,6 +192,11 @@ train = command(
     help="Distil a student from teacher scores on Ray Train (DDP); resumable with the same --out. Loss options "
          "as --loss-option KEY=VALUE (e.g. tct: --loss-option tau=0.25 --loss-option mode=inbatch).")
 
+mine = command(
+    "mine", config_class="raykd.stages.mine:MineConfig", stage="raykd.stages.mine:mine", summary=_counts_and_stats,
+    help="Mine hard negatives from a run and qrels into id triples and n-way groups (a named triples set of the "
+         "store, or --out URI), optionally dropping likely false negatives by teacher scores.")
+
 index = command(
     "index", config_class="raykd.stages.index:IndexConfig", stage="raykd.stages.index:index", summary=_counts,
     help="Encode passages into sharded Faiss indexes (resumable; see docs/retrieval.md).")

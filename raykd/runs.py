@@ -1,15 +1,19 @@
 """Runs and qrels as the stages hand them to each other (search writes them, evaluate and re-ranking read them).
 
 - :func:`run_file`: a run given as a TREC file or as a search output URI (format ``raykd.run``, its ``run.trec``);
-- :func:`store_qrels`: a text store split's qrels as ``{query_id: {doc_id: relevance}}``.
+- :func:`store_qrels`: a text store split's qrels as ``{query_id: {doc_id: relevance}}``;
+- :func:`run_table`: a run (file or search output) as an Arrow table, for runs too large for dicts (mining).
 
 Here rather than in a stage so that no stage imports another stage (tests/test_architecture.py).
 """
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from raykd import storage
 from raykd.errors import UserError
+from raykd.formats import trec
 from raykd.formats.store import TextStore
 
 FORMAT = "raykd.run"  # the format name a search output's manifest carries
@@ -35,3 +39,45 @@ def store_qrels(store: TextStore, split: str) -> dict[str, dict[str, int]]:
     for q, d, r in zip(t["query_id"].to_pylist(), t["doc_id"].to_pylist(), t["relevance"].to_pylist()):
         out.setdefault(q, {})[d] = int(r)
     return out
+
+
+def run_table(uri: str) -> pa.Table:
+    """A run as columns ``query_id`` (string), ``doc_id`` (string), ``score`` (float64), one row per line, for
+    runs too large for a dict of dicts (400K queries x 200). A search output gives its ``run.trec``'s rows from
+    ``run.parquet``; a TREC file (6 columns, or MS MARCO's 3 with score = -rank) is parsed by pyarrow's CSV
+    reader, and by :func:`raykd.formats.trec.iter_run` (errors naming the line) when it is not plainly
+    single-space or tab separated."""
+    if storage.has_manifest(uri):
+        storage.read_manifest(uri, stage="search", format=FORMAT)
+        t = storage.read_parquet(storage.join(uri, "run.parquet"), columns=["query_id", "doc_id", "score"])
+        return t.set_column(2, "score", t["score"].cast(pa.float64()))
+    path = run_file(uri)
+    try:
+        return _run_table_csv(path)
+    except (pa.ArrowInvalid, ValueError):
+        rows = list(trec.iter_run(path))  # names the bad line
+        return pa.table({"query_id": pa.array([r.qid for r in rows], pa.string()),
+                         "doc_id": pa.array([r.docno for r in rows], pa.string()),
+                         "score": pa.array([r.score for r in rows], pa.float64())})
+
+
+def _run_table_csv(path: str) -> pa.Table:
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    with storage.open_read(path, "rb") as f:
+        head = f.read(1 << 16).split(b"\n", 1)[0]
+    sep = "\t" if b"\t" in head else " "
+    width = len(head.split(sep.encode()))
+    if width not in (3, 6):
+        raise ValueError(f"{width} columns")
+    names = ["query_id", "doc_id", "rank"] if width == 3 else ["query_id", "q0", "doc_id", "rank", "score", "tag"]
+    types = {"query_id": pa.string(), "doc_id": pa.string(), "rank": pa.int64(), "score": pa.float64()}
+    with storage.open_read(path, "rb") as f:
+        t = pcsv.read_csv(f, read_options=pcsv.ReadOptions(column_names=names, block_size=8 << 20),
+                          parse_options=pcsv.ParseOptions(delimiter=sep, quote_char=False),
+                          convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+    score = pc.negate(t["rank"].cast(pa.float64())) if width == 3 else t["score"]
+    if pc.any(pc.is_nan(score)).as_py():
+        raise ValueError("NaN score")
+    return pa.table({"query_id": t["query_id"], "doc_id": t["doc_id"], "score": score})

@@ -8,8 +8,15 @@ Layout under the store URI::
     qrels/<split>.parquet         qid int64, query_id string, pid int64 (null if not in the corpus),
                                   doc_id string, relevance int32
     triples/part-NNNNN.parquet    qid int64, pos_pid int64, neg_pid int64               (if triples were given)
+    mined/<name>/                 named triples sets written later by ``raykd mine`` (format
+                                  ``raykd.mined_triples``, each with its own manifest): triples/ and groups/
     quarantine/<file>.tsv         rejected input lines (lenient mode only): line, reason, raw
     manifest.json                 stage "prepare"; counts per table and split; written last
+
+The default triples (``triples/``) are prepare's; a named set (:meth:`TextStore.triples` with a name) is one
+``raykd mine`` wrote into ``mined/<name>/``. A named set is a finished output of its own (manifest, resume,
+``--overwrite``), so mining never rewrites the store's manifest; prepare's ``--overwrite`` of the store removes
+its named sets with it (they were mined from it).
 
 ``pid``/``qid`` are the integer keys every stage joins on. MS MARCO ids are integers and are kept as they
 are; BEIR ids are strings in general ("MED-10"), so a BEIR corpus gets ``pid`` = its row number in
@@ -47,6 +54,10 @@ QRELS_SCHEMA = pa.schema(
     ]
 )
 TRIPLES_SCHEMA = pa.schema([("qid", pa.int64()), ("pos_pid", pa.int64()), ("neg_pid", pa.int64())])
+GROUPS_SCHEMA = pa.schema([("qid", pa.int64()), ("pos_pid", pa.int64()), ("neg_pids", pa.list_(pa.int64()))])
+MINED = "mined"  # the folder of named triples sets under a store
+MINED_FORMAT = "raykd.mined_triples"
+MINED_VERSION = 1
 
 
 class TextStore:
@@ -95,8 +106,36 @@ class TextStore:
     def corpus_parts(self) -> list[str]:
         return storage.parquet_parts(self.corpus_uri)
 
-    def triples(self) -> pa.Table:
-        return storage.read_parquet(self.triples_uri)
+    def triples(self, name: str | None = None) -> pa.Table:
+        """prepare's triples, or (``name``) the triples of a named set mined into this store."""
+        if name is None:
+            return storage.read_parquet(self.triples_uri)
+        return storage.read_parquet(storage.join(self.triples_set(name), "triples"))
+
+    def groups(self, name: str) -> pa.Table:
+        """The n-way groups (``qid, pos_pid, neg_pids``) of a named set mined into this store."""
+        return storage.read_parquet(storage.join(self.triples_set(name), "groups"))
+
+    def triples_set_uri(self, name: str) -> str:
+        """Where the named triples set ``name`` lives (or will live): ``<store>/mined/<name>``."""
+        if not is_set_name(name):
+            raise ValueError(f"triples set name {name!r}: use letters, digits, '.', '_' and '-' only")
+        return storage.join(self.uri, MINED, name)
+
+    def triples_set(self, name: str) -> str:
+        """The URI of the finished named triples set ``name``; refuses an unfinished or unknown one."""
+        uri = self.triples_set_uri(name)
+        if not storage.has_manifest(uri):
+            known = ", ".join(self.triples_sets()) or "none"
+            raise KeyError(f"{self.uri}: no finished triples set {name!r} (mine it with `raykd mine --out {name}`); "
+                           f"finished sets: {known}")
+        storage.read_manifest(uri, stage="mine", format=MINED_FORMAT)
+        return uri
+
+    def triples_sets(self) -> list[str]:
+        """Names of the finished triples sets mined into this store."""
+        root = storage.join(self.uri, MINED)
+        return [n for n in storage.listdir(root) if storage.has_manifest(storage.join(root, n))]
 
     @cached_property
     def _passages(self) -> TextLookup:
@@ -125,3 +164,9 @@ class TextStore:
     def pid_of_doc_id(self) -> dict[str, int]:
         t = self.corpus(columns=["pid", "doc_id"])
         return dict(zip(t["doc_id"].to_pylist(), t["pid"].to_pylist()))
+
+
+def is_set_name(name: str) -> bool:
+    """A bare name of a triples set (``bm25-hn``), as opposed to a URI."""
+    return bool(name) and all(c.isalnum() or c in "._-" for c in name) and name not in (".", "..")
+

@@ -5,7 +5,10 @@ A :class:`LossSpec` names a pure tensor function and says which training step ru
 - ``pairwise``: one forward pass scores the B triples ``(s+, s-)``; the loss is ``fn(s+, s-, t+, t-)`` with the
   teacher's scores of the triple from ``raykd score`` (``needs_scores``), or ``fn(s+, s-)`` without them;
 - ``inbatch``: every query is scored against every passage of the batch, by the student and, where the loss
-  distils, by a frozen teacher run in the loop; the loss is ``fn`` of the two (B, 2B) score matrices (TCT).
+  distils, by a frozen teacher run in the loop; the loss is ``fn`` of the two (B, 2B) score matrices (TCT);
+- ``group``: every query with its group of 1+k passages (its positive, then k negatives; a triple is a group
+  of 1+1); the loss is ``fn(S, T)`` of the (B, 1+k) student and teacher score matrices (``needs_scores``), or
+  ``fn(S)`` without a teacher (listwise KL, ListNet, n-way Margin-MSE, InfoNCE).
 
 The steps themselves run a model and, for ``inbatch``, a teacher: they live with the training code
 (:mod:`raykd.stages.train_steps`), not here. Nothing here knows about models, Ray or storage.
@@ -27,7 +30,7 @@ import torch
 
 from raykd.errors import UserError
 
-STEPS = ("pairwise", "inbatch")
+STEPS = ("pairwise", "inbatch", "group")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
@@ -37,9 +40,13 @@ class LossSpec:
 
     ``fn``: the pure tensor function; pairwise losses take ``(student_pos, student_neg, teacher_pos,
     teacher_neg)`` or, with ``needs_scores=False``, ``(student_pos, student_neg)``; in-batch losses take
-    ``(student_scores, teacher_scores, positive_index, negative_index, **options)``.
+    ``(student_scores, teacher_scores, positive_index, negative_index, **options)``; group losses take
+    ``(student_scores, teacher_scores, **options)`` or, with ``needs_scores=False``, ``(student_scores,
+    **options)``, the scores (B, 1+k) with each query's positive in column 0.
     ``step``: the training step that runs it (see the module docstring).
-    ``options``: option name -> default. ``check``: raises ValueError on a bad combination of resolved values."""
+    ``options``: option name -> default. ``step_options``: the names among them that the training step reads
+    and does not pass to ``fn`` (:meth:`fn_options`). ``check``: raises ValueError on a bad combination of
+    resolved values."""
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -48,10 +55,18 @@ class LossSpec:
     step: str = "pairwise"
     options: dict[str, Any] = field(default_factory=dict)
     check: Callable[[dict], None] | None = None
+    step_options: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.step not in STEPS:
             raise ValueError(f"loss {self.name}: unknown step {self.step!r}; expected one of {', '.join(STEPS)}")
+        unknown = sorted(set(self.step_options) - set(self.options))
+        if unknown:
+            raise ValueError(f"loss {self.name}: step_options {', '.join(unknown)} are not among its options")
+
+    def fn_options(self, resolved: dict) -> dict:
+        """The resolved options that ``fn`` takes (all but ``step_options``)."""
+        return {k: v for k, v in resolved.items() if k not in self.step_options}
 
     def resolve_options(self, given: dict | None) -> dict:
         """The defaults updated with ``given`` (None values ignored), each converted to its default's type."""

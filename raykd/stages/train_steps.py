@@ -15,6 +15,10 @@ loop (:func:`raykd.stages.train.train_loop_per_worker`) calls exactly these thre
   :class:`FrozenColbertTeacher`, loaded once per worker from ``--teacher``, scores the same (B, 2B) pairs
   inside the loop; the loss is :func:`raykd.losses.tct.tct_loss` of the two matrices. With the option
   ``cross_device`` the passages of every DDP worker are gathered (:mod:`raykd.losses.gather`).
+- :class:`GroupStep` (the listwise losses): each query with its group of 1+k passages (its positive, then k
+  negatives; a triple is a group of 1+1) in ONE forward pass, then the loss on the (B, 1+k) student and teacher
+  score matrices. With InfoNCE's ``in_batch`` option a bi-encoder's query and passage vectors score every
+  passage of the batch (gathered from every worker with ``cross_device``).
 
 ``batch`` is what the collate step built: ``features`` (tensors on the device), the ``queries`` /
 ``positives`` / ``negatives`` texts, ``size`` (B) and, from a scores output, ``teacher_pos`` / ``teacher_neg``.
@@ -48,9 +52,9 @@ class BatchContext:
     state: dict = field(default_factory=dict)  # per-worker state that lives across steps (e.g. a frozen teacher)
 
 
-def train_step(spec: LossSpec) -> PairwiseStep | InBatchStep:
+def train_step(spec: LossSpec) -> PairwiseStep | InBatchStep | GroupStep:
     """The training step that runs the loss ``spec``."""
-    return {"pairwise": PairwiseStep, "inbatch": InBatchStep}[spec.step](spec)
+    return {"pairwise": PairwiseStep, "inbatch": InBatchStep, "group": GroupStep}[spec.step](spec)
 
 
 class PairwiseStep:
@@ -159,6 +163,67 @@ class InBatchStep:
                      "teacher_checks": float(ctx.state["teacher_checks"])}
             if teacher_scores is not None:
                 stats["teacher_agreement"] = float((student.argmax(1) == teacher_scores.argmax(1)).float().mean())
+        return loss, stats
+
+
+class GroupStep:
+    """Score each query's group of 1+k passages in one forward pass, then ``spec.fn`` on the (B, 1+k) scores.
+
+    ``negatives`` are one text per query (a triple: k = 1) or a list of k texts per query (a mined group, the
+    same k for every query of the batch). Teacher scores come as ``batch["teacher_scores"]`` (B, 1+k) or, from
+    triples, ``teacher_pos`` / ``teacher_neg``."""
+
+    def __init__(self, spec: LossSpec):
+        self.spec = spec
+
+    def check(self, config: dict) -> dict:
+        return self.spec.resolve_options(config.get("loss_options"))
+
+    def setup(self, ctx: BatchContext) -> None:
+        ctx.options = self.spec.resolve_options(ctx.options)
+
+    def features(self, model: torch.nn.Module, queries: list[str], positives: list[str],
+                 negatives: list[str] | list[list[str]]) -> dict:
+        groups = [[p, *([n] if isinstance(n, str) else list(n))] for p, n in zip(positives, negatives)]
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"every query of a batch needs the same number of negatives, got group sizes {sorted(sizes)}")
+        size = sizes.pop()
+        passages = [text for g in groups for text in g]
+        queries = list(queries)
+        if not getattr(model, "grouped_passages", False):
+            queries = [q for q in queries for _ in range(size)]
+        return model.tokenize(queries, passages)
+
+    def loss(self, model: torch.nn.Module, batch: dict, ctx: BatchContext) -> tuple[torch.Tensor, dict]:
+        b = batch["size"]
+        opts = ctx.options
+        fn_opts = self.spec.fn_options(opts)
+        if opts.get("in_batch"):
+            from raykd.losses.infonce import in_batch_scores
+            from raykd.models.bi_encoder import BertDot
+
+            if not isinstance(getattr(model, "module", model), BertDot):
+                raise UserError(f"--loss {self.spec.name} with in_batch=true scores every passage of the batch: "
+                                "a single-vector bi-encoder (--student bert_dot or tct), or the option in_batch=false")
+            q, p = model(**batch["features"], return_embeddings=True)
+            scores, positive_index = in_batch_scores(q, p, cross_device=opts.get("cross_device", False))
+            cols = positive_index[:, None] + torch.arange(p.shape[0] // b, device=scores.device)
+            own = scores.gather(1, cols)  # each query's own group, for the stats
+            loss = self.spec.fn(scores, positive_index, **fn_opts)
+        else:
+            own = model(**batch["features"]).float().view(b, -1)
+            if self.spec.needs_scores:
+                teacher = batch.get("teacher_scores")
+                if teacher is None:
+                    teacher = torch.stack([batch["teacher_pos"], batch["teacher_neg"]], dim=1)
+                loss = self.spec.fn(own, teacher.to(own.device), **fn_opts)
+            else:
+                loss = self.spec.fn(own, **fn_opts)
+        with torch.no_grad():
+            own = own.detach().float()
+            stats = {"student_margin": float((own[:, :1] - own[:, 1:]).mean()),
+                     "pair_accuracy": float((own[:, :1] > own[:, 1:]).float().mean())}
         return loss, stats
 
 
