@@ -32,45 +32,48 @@ NORMALIZATIONS = ("none", "zscore", "minmax")
 
 @dataclass
 class ScoreStats:
-    """Running count, sum, sum of squares, min and max of one teacher's scores (float64 accumulators)."""
+    """Count, mean, sum of squared deviations (``m2``), min and max of one teacher's scores, in float64;
+    ``update`` and ``merge`` combine them exactly (Chan et al.'s pairwise update, no large-number cancellation)."""
 
     count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
     min: float = float("inf")
     max: float = float("-inf")
 
+    def merge(self, other: ScoreStats) -> ScoreStats:
+        n = self.count + other.count
+        if n == 0:
+            return ScoreStats()
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n
+        m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / n
+        return ScoreStats(n, mean, m2, min(self.min, other.min), max(self.max, other.max))
+
     def update(self, scores: np.ndarray) -> ScoreStats:
-        s = np.asarray(scores, dtype=np.float64)
+        """Fold ``scores`` in (in place); returns self."""
+        s = np.asarray(scores, dtype=np.float64).ravel()
         if s.size:
             if not np.isfinite(s).all():
                 raise ValueError("teacher scores must be finite to enter the run's statistics")
-            self.count += int(s.size)
-            self.total += float(s.sum())
-            self.total_sq += float((s * s).sum())
-            self.min, self.max = min(self.min, float(s.min())), max(self.max, float(s.max()))
+            mean = float(s.mean())
+            part = ScoreStats(int(s.size), mean, float(((s - mean) ** 2).sum()), float(s.min()), float(s.max()))
+            merged = self.merge(part)
+            self.count, self.mean, self.m2, self.min, self.max = (merged.count, merged.mean, merged.m2, merged.min,
+                                                                  merged.max)
         return self
-
-    def merge(self, other: ScoreStats) -> ScoreStats:
-        return ScoreStats(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq,
-                          min(self.min, other.min), max(self.max, other.max))
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
 
     @property
     def std(self) -> float:
-        if not self.count:
-            return 0.0
-        return float(np.sqrt(max(0.0, self.total_sq / self.count - self.mean**2)))
+        """Population standard deviation."""
+        return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean": self.mean, "std": self.std}
+        return {**asdict(self), "std": self.std}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ScoreStats:
-        return cls(int(d["count"]), float(d["total"]), float(d["total_sq"]), float(d["min"]), float(d["max"]))
+        return cls(int(d["count"]), float(d["mean"]), float(d["m2"]), float(d["min"]), float(d["max"]))
 
     @classmethod
     def of(cls, scores: np.ndarray) -> ScoreStats:

@@ -168,11 +168,12 @@ class ReleasedBertCat(_ReleasedBase):
 
     def __init__(self, encoder: torch.nn.Module, tokenizer: Any, query_max_length: int, passage_max_length: int):
         super().__init__(tokenizer, query_max_length, passage_max_length, 0)
-        from raykd.models.cross_encoder import CrossEncoderTokenizer
+        from raykd.models.cross_encoder import CrossEncoderTokenizer, uses_segment_embeddings
 
         self.bert_model = encoder
         self._classification_layer = torch.nn.Linear(encoder.config.hidden_size, 1)
-        self.pair_tokenizer = CrossEncoderTokenizer(tokenizer, query_max_length, passage_max_length)
+        self.pair_tokenizer = CrossEncoderTokenizer(tokenizer, query_max_length, passage_max_length,
+                                                    uses_segment_embeddings(encoder.config))
         # the model code's rule: CLS of the last layer for DistilBERT and ELECTRA, the pooler output otherwise
         self.cls_vector = encoder.base_model_prefix in ("distilbert", "electra")
         import inspect
