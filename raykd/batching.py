@@ -11,11 +11,17 @@ here knows about Ray (imports: numpy and torch).
 Pairs come as a ragged array: a list of id lists, or anything with Arrow's ``ListArray`` shape
 (``flatten()`` and ``offsets``; a ``ChunkedArray`` is combined first), so an actor hands over a Ray Data
 column without turning it into Python lists.
+
+A model may take more than one sequence per pair: ``features`` maps ``<prefix>input_ids`` (and optionally
+``<prefix>token_type_ids``) to ragged columns, e.g. ``query_input_ids`` + ``passage_input_ids`` for a
+bi-encoder, ColBERT, PreTTR or TK. Each sequence group is padded on its own and gets its own
+``<prefix>attention_mask``; a pair's length (what bucketing sorts by) is the sum over its groups. Causal LMs
+read their answer at the last position, so they are padded on the left (``padding_side="left"``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,17 +76,24 @@ def padded_length(longest: int, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) ->
     return longest
 
 
+PADDING_SIDES = ("right", "left")
+
+
 def pad_rows(rows: Ragged, index: np.ndarray, pad_id: int = 0,
-             pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> tuple[np.ndarray, np.ndarray]:
+             pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
     """Rows ``index`` of ``rows`` as one (n, L) int64 matrix padded with ``pad_id`` to the longest of them
-    (rounded up to a multiple of ``pad_to_multiple_of``), and the (n, L) attention mask."""
+    (rounded up to a multiple of ``pad_to_multiple_of``), and the (n, L) attention mask. ``padding_side``:
+    ``right`` (tokens first) or ``left`` (tokens last, for causal LMs)."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}")
     starts = rows.offsets[index]
     lengths = rows.offsets[index + 1] - starts
     width = padded_length(int(lengths.max(initial=0)), pad_to_multiple_of)
     cols = np.arange(width)
-    mask = cols[None, :] < lengths[:, None]
+    shift = (width - lengths) if padding_side == "left" else np.zeros_like(lengths)
+    mask = (cols[None, :] >= shift[:, None]) & (cols[None, :] < (shift + lengths)[:, None])
     out = np.full((len(index), width), pad_id, dtype=np.int64)
-    out[mask] = rows.values[(starts[:, None] + cols[None, :])[mask]]
+    out[mask] = rows.values[(starts[:, None] + cols[None, :] - shift[:, None])[mask]]
     return out, mask.astype(np.int64)
 
 
@@ -112,9 +125,29 @@ def batch_order(lengths: np.ndarray, bucket: bool = True) -> np.ndarray:
     return np.argsort(lengths, kind="stable") if bucket else np.arange(len(lengths))
 
 
+def sequence_groups(features: Mapping[str, Any]) -> dict[str, tuple[Ragged, Ragged | None]]:
+    """``{prefix: (input_ids, token_type_ids or None)}`` of a features mapping (see the module docstring)."""
+    groups: dict[str, tuple[Ragged, Ragged | None]] = {}
+    for key, col in features.items():
+        if not key.endswith("input_ids") or col is None:
+            continue
+        prefix = key[: -len("input_ids")]
+        types = features.get(prefix + "token_type_ids")
+        types = Ragged.of(types) if types is not None else None
+        if types is not None and len(types.values) == 0:
+            types = None  # a tokenizer without segment ids gives empty rows
+        groups[prefix] = (Ragged.of(col), types)
+    if not groups:
+        raise ValueError(f"features need at least one '<prefix>input_ids' column, got {sorted(features)}")
+    sizes = {len(ids) for ids, _ in groups.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every sequence group needs one row per pair, got {sizes} rows")
+    return groups
+
+
 def score_block(
     model: Callable[..., torch.Tensor],
-    input_ids: Any,
+    input_ids: Any = None,
     token_type_ids: Any = None,
     *,
     batch_size: int,
@@ -123,38 +156,50 @@ def score_block(
     bucket: bool = True,
     autocast: bool | None = None,
     pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+    features: Mapping[str, Any] | None = None,
+    padding_side: str = "right",
 ) -> BlockScores:
-    """Score one block of tokenised pairs with a cross-encoder.
+    """Score one block of tokenised pairs.
 
     ``model(input_ids=, attention_mask=[, token_type_ids=])`` returns one score per row (a
-    :class:`~raykd.models.cross_encoder.CrossEncoder`). ``bucket``: sort the block by length so each forward
-    pass pads to similar lengths (False: micro-batches in the given order, the baseline). ``autocast``: bf16
-    autocast; None means on CUDA only. Scores stay on the device until the block is done, so the host pads the
-    next micro-batch while the GPU runs the last one."""
+    :class:`~raykd.models.cross_encoder.CrossEncoder`); with ``features`` (instead of ``input_ids`` /
+    ``token_type_ids``) it gets ``<prefix>input_ids``, ``<prefix>attention_mask`` [and
+    ``<prefix>token_type_ids``] per sequence group (a bi-encoder: ``query_*`` and ``passage_*``).
+    ``bucket``: sort the block by length so each forward pass pads to similar lengths (False: micro-batches in
+    the given order, the baseline). ``autocast``: bf16 autocast; None means on CUDA only. ``padding_side``:
+    ``left`` for causal LMs. Scores stay on the device until the block is done, so the host pads the next
+    micro-batch while the GPU runs the last one."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = Ragged.of(input_ids)
-    types = Ragged.of(token_type_ids) if token_type_ids is not None else None
-    if types is not None and len(types.values) == 0:
-        types = None  # a tokenizer without segment ids gives empty rows
+    if features is None:
+        features = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+    elif input_ids is not None or token_type_ids is not None:
+        raise ValueError("give either input_ids/token_type_ids or features, not both")
+    groups = sequence_groups(features)
+    n = len(next(iter(groups.values()))[0])
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if autocast is None:
         autocast = device.type == "cuda"
-    lengths = ids.lengths
+    lengths = sum(ids.lengths for ids, _ in groups.values()).astype(np.int32)
     order = batch_order(lengths, bucket)
-    padlen = np.empty(len(ids), dtype=np.int32)
+    padlen = np.zeros(n, dtype=np.int32)
     outs = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for a in range(0, len(order), batch_size):
             idx = order[a : a + batch_size]
-            x, mask = pad_rows(ids, idx, pad_id, pad_to_multiple_of)
-            feats = {"input_ids": torch.from_numpy(x).to(device, non_blocking=True),
-                     "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True)}
-            if types is not None:
-                feats["token_type_ids"] = torch.from_numpy(pad_rows(types, idx, 0, pad_to_multiple_of)[0]).to(device)
-            outs.append(model(**feats).float())
-            padlen[idx] = x.shape[1]
-    scores = np.empty(len(ids), dtype=np.float32)
+            feats = {}
+            width = 0
+            for prefix, (ids, types) in groups.items():
+                x, mask = pad_rows(ids, idx, pad_id, pad_to_multiple_of, padding_side)
+                feats[prefix + "input_ids"] = torch.from_numpy(x).to(device, non_blocking=True)
+                feats[prefix + "attention_mask"] = torch.from_numpy(mask).to(device, non_blocking=True)
+                if types is not None:
+                    t = pad_rows(types, idx, 0, pad_to_multiple_of, padding_side)[0]
+                    feats[prefix + "token_type_ids"] = torch.from_numpy(t).to(device)
+                width += x.shape[1]
+            outs.append(model(**feats).float().reshape(-1))
+            padlen[idx] = width
+    scores = np.empty(n, dtype=np.float32)
     if outs:
         scores[order] = torch.cat(outs).cpu().numpy()
     return BlockScores(scores, lengths, padlen, len(outs))

@@ -74,3 +74,52 @@ class BM25Index:
         tokens = self._tokenize(queries)
         docs, scores = self._bm25.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         return self.ids[docs], scores
+
+
+class BM25PairScorer:
+    """BM25 of given (query, passage) pairs with a fixed corpus's statistics: the score BM25 search gives that
+    passage for that query, computed from the pair's texts alone (what the ``bm25`` teacher scores with).
+
+        s(q, p) = Σ_{t ∈ q} idf(t) · tf(t, p) / (tf(t, p) + k1 · (1 - b + b · |p| / avgdl))
+        idf(t)  = log(1 + (N - df(t) + 0.5) / (df(t) + 0.5))          (Lucene's, bm25s ``method="lucene"``)
+
+    N, df and avgdl come from ``corpus`` (built once: ~one pass of tokenising it), with the same tokenisation
+    (stopwords, stemmer) and parameters as :class:`BM25Index`; a term of q counts once per occurrence in q, as
+    in bm25s. A passage outside the corpus is scored with the corpus's statistics all the same."""
+
+    def __init__(self, corpus: Sequence[str], params: BM25Params | None = None):
+        self.params = params or BM25Params()
+        self._index = BM25Index(self.params)  # its tokenizer: the one search uses
+        tokens = self._index._tokenize(corpus)
+        self.vocab: dict[str, int] = dict(tokens.vocab)
+        lengths = np.fromiter((len(d) for d in tokens.ids), dtype=np.int64, count=len(tokens.ids))
+        flat = np.fromiter((t for d in tokens.ids for t in set(d)), dtype=np.int64)
+        self.df = np.bincount(flat, minlength=len(self.vocab)).astype(np.float64)
+        self.n_docs = len(tokens.ids)
+        self.avgdl = float(lengths.mean()) if len(lengths) else 0.0
+
+    def _terms(self, texts: Sequence[str]) -> list[list[str]]:
+        import bm25s
+
+        stop = None if self.params.stopwords == "none" else self.params.stopwords
+        return bm25s.tokenize(list(texts), stopwords=stop, stemmer=self._index._stem, return_ids=False,
+                              show_progress=False)
+
+    def idf(self, term: str) -> float:
+        df = self.df[self.vocab[term]] if term in self.vocab else 0.0
+        return float(np.log(1.0 + (self.n_docs - df + 0.5) / (df + 0.5)))
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        """float32 BM25 scores of (queries[i], passages[i])."""
+        if len(queries) != len(passages):
+            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+        from collections import Counter
+
+        k1, b = self.params.k1, self.params.b
+        qs, ps = self._terms(queries), self._terms(passages)
+        out = np.zeros(len(qs), dtype=np.float64)
+        for i, (q, p) in enumerate(zip(qs, ps)):
+            tf = Counter(p)
+            norm = k1 * (1 - b + b * len(p) / self.avgdl) if self.avgdl else k1
+            out[i] = sum(self.idf(t) * tf[t] / (tf[t] + norm) for t in q if t in tf)
+        return out.astype(np.float32)

@@ -131,6 +131,20 @@ def _checkpoint_keys(path: str) -> set[str] | None:
     return None
 
 
+def uses_segment_embeddings(config_or_path: Any) -> bool:
+    """Whether a model has trained segment (token type) embeddings: ``type_vocab_size > 1`` in its config (BERT,
+    ALBERT, ELECTRA); False for RoBERTa-like models (1), DeBERTa-v3 (0), DistilBERT (none)."""
+    config = config_or_path
+    if isinstance(config_or_path, str):
+        path = os.path.join(config_or_path, "config.json")
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            config = json.load(f)
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return int(get("type_vocab_size", 0) or 0) > 1
+
+
 class CrossEncoderTokenizer:
     """The pair tokenizer of a cross-encoder, usable without the model (Ray Data's CPU tokenising tasks).
 
@@ -142,6 +156,7 @@ class CrossEncoderTokenizer:
         tokenizer: Any,
         query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
         passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH,
+        segment_ids: bool | None = None,
     ):
         if query_max_length < 1 or passage_max_length < 1:
             raise ValueError(
@@ -150,7 +165,9 @@ class CrossEncoderTokenizer:
         self.tokenizer = tokenizer
         self.query_max_length = int(query_max_length)
         self.passage_max_length = int(passage_max_length)
-        self.emits_token_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        # segment ids: when the model has segment embeddings (``segment_ids``, from its config), else when the
+        # tokenizer names them (transformers 5's ALBERT tokenizer no longer does; ALBERT models still use them)
+        self.emits_token_type_ids = bool(segment_ids) or "token_type_ids" in getattr(tokenizer, "model_input_names", [])
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None
         if backend is not None:
@@ -173,7 +190,7 @@ class CrossEncoderTokenizer:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the tokenizer of cross-encoder {path!r}: {e}") from None
         qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
-        return cls(tokenizer, qlen, plen)
+        return cls(tokenizer, qlen, plen, uses_segment_embeddings(path))
 
     def tokenize_unpadded(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, list[list[int]]]:
         """Ids of ``[CLS] q [SEP] p [SEP]`` per pair, query cut to ``query_max_length`` tokens and passage to
@@ -238,7 +255,8 @@ class CrossEncoder(RankingModel):
     ):
         super().__init__()
         self.model = model
-        self.pair_tokenizer = CrossEncoderTokenizer(tokenizer, query_max_length, passage_max_length)
+        self.pair_tokenizer = CrossEncoderTokenizer(tokenizer, query_max_length, passage_max_length,
+                                                    uses_segment_embeddings(model.config))
         self.num_labels = int(getattr(model.config, "num_labels", 1))
         if self.num_labels not in (1, 2):
             raise UserError(
@@ -283,10 +301,17 @@ class CrossEncoder(RankingModel):
             archs = getattr(config, "architectures", None) or []
             if not any(a.endswith("ForSequenceClassification") for a in archs):
                 config.num_labels = 1  # no head yet: BERT_CAT's single-logit linear layer on CLS
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, attn_implementation=attn_implementation, output_loading_info=True,
-                **model_kwargs
-            )
+            try:
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, attn_implementation=attn_implementation, output_loading_info=True,
+                    **model_kwargs
+                )
+            except ValueError as e:  # an architecture without SDPA (DeBERTa-v2/v3): its default attention
+                if "scaled_dot_product_attention" not in str(e):
+                    raise
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, output_loading_info=True, **model_kwargs
+                )
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise UserError(
