@@ -69,6 +69,9 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
               pair_scores: pa.Table) -> dict:
     """Task body (module docstring): join part ``p``'s pair scores to its triples, check them, write the part
     (atomically) and return its statistics (also stored in the part's footer)."""
+    part_uri = storage.join(out, "parts", fmt.part_name(p))
+    if storage.exists(part_uri):  # a retried task whose first attempt committed: a part is written once
+        return part_stats(part_uri)
     triples = storage.read_parquet(triples_uri(out, p))
     mine = pair_scores
     t = triples
@@ -112,7 +115,7 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
         "padded_tokens": {n: int(pc.sum(mine[f"padlen__{n}"]).as_py() or 0) for n in names},
     }
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-    storage.write_parquet_atomic(table, storage.join(out, "parts", fmt.part_name(p)))
+    storage.write_parquet_atomic(table, part_uri)
     return stats
 
 
