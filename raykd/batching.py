@@ -4,9 +4,9 @@
                     ->  pad each to its longest pair, rounded up to a multiple of 8
                     ->  forward under bf16 autocast on CUDA  ->  scores back in block order
 
-The score stage's actor (:class:`raykd.stages.score.TeacherScorer`) runs a block through :func:`score_block`
-and does nothing else with the model; ``bench/gpu.py`` times the same function on a GPU without Ray. Nothing
-here knows about Ray (imports: numpy and torch).
+The score stage's actors (:class:`raykd.stages.score.pipeline.TeacherScorer`, one per teacher in each
+ensemble actor) run a block through :func:`score_block` and do nothing else with the model; ``bench/gpu.py``
+times the same function on a GPU without Ray. Nothing here knows about Ray (imports: numpy and torch).
 
 Pairs come as a ragged array: a list of id lists, or anything with Arrow's ``ListArray`` shape
 (``flatten()`` and ``offsets``; a ``ChunkedArray`` is combined first), so an actor hands over a Ray Data

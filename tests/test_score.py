@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from raykd import storage
 from raykd.errors import UserError
 from raykd.formats.scores import TripleScores
 from raykd.formats.store import TextStore
-from raykd.stages.score import KILL_HOOK_ENV, ImportNrkdConfig, ScoreConfig, export_nrkd, import_nrkd, score
+from raykd.stages.score import (
+    ImportNrkdConfig,
+    ScoreConfig,
+    export_nrkd,
+    import_nrkd,
+    partition_unique,
+    score,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["qid", "pos_pid", "neg_pid"]
@@ -180,27 +188,103 @@ def test_s3_output(baseline, sample_store, teachers, s3_uri):
     _compare_teacher(out, baseline)
 
 
+def _model_loads(out: str) -> list[dict]:
+    """The model-load records the scoring actors wrote (one per teacher per actor start), all runs."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out, "_work", "model_loads").glob("run-*/*.json"))]
+
+
+def test_twenty_parts_stream_through_actors_that_load_each_teacher_once(baseline, sample_store, teachers, tmp_path):
+    """All parts flow through one long-lived pool: each actor loads each teacher once, however many parts."""
+    from ray._private import state
+
+    def map_actors() -> dict:  # the scoring pools' actors of this session, as Ray's control store records them
+        return {k: a for k, a in state.actors().items() if "EnsembleScorer" in a["ActorClassName"]}
+
+    out = str(tmp_path / "scores")
+    cfg = ScoreConfig(data=sample_store, teachers=teachers, out=out, weights=[1.0, 3.0],
+                      **{**SMALL, "rows_per_part": 34, "bucket_pairs": 32, "min_actors": 2, "max_actors": 2})
+    before = set(map_actors())
+    m = score(cfg)
+    started = [a for k, a in map_actors().items() if k not in before]
+    plan = json.loads(Path(out, "_work", "plan.json").read_text())
+    assert m.counts["parts"] == len(plan["parts"]) >= 20
+    records = _model_loads(out)
+    actors = {r["actor"] for r in records}
+    # the actors Ray started for this run (restarts included) are the ones that recorded their loads; a fixed
+    # pool, as one that grows near the end of a run may start an actor and stop it before it has loaded
+    assert len(actors) == len(started) + sum(a["NumRestarts"] for a in started) == 2
+    for name in m.stats["teachers"]:
+        # each actor started loaded each teacher exactly once, whatever the number of parts
+        assert sorted(r["actor"] for r in records if r["teacher"] == name) == sorted(actors)
+    assert m.stats["model_loads"] == m.stats["model_loads_all_runs"] == {n: len(actors) for n in m.stats["teachers"]}
+    t = TripleScores(out).table()
+    assert t.group_by(KEYS).aggregate([]).num_rows == t.num_rows == len(baseline[2])  # every triple once
+    got, want = _sorted(t), _sorted(baseline[2].table())
+    assert got.select(KEYS).equals(want.select(KEYS))
+    np.testing.assert_allclose(got["pos_score"].to_numpy(), want["pos_score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert m.stats["forward_passes"] == baseline[1].stats["forward_passes"]  # each unique pair scored once
+
+
+def test_partition_unique_keeps_the_first_row_of_each_key():
+    qid = np.array([5, 3, 5, 3, 5, 9])
+    pid = np.array([1, 2, 1, 2, 0, 9])
+    row = np.array([4, 5, 2, 1, 0, 3])
+    part = (qid > 4).astype(np.int64)
+    index, bounds = partition_unique([qid, pid], part, 2, first_by=row)
+    assert index.tolist() == [3, 4, 2, 5] and bounds.tolist() == [0, 1, 4]
+    index, bounds = partition_unique([qid, pid])
+    assert sorted(zip(qid[index], pid[index])) == [(3, 2), (5, 0), (5, 1), (9, 9)] and bounds.tolist() == [0, 4]
+
+
+class _KillScorerOnce(threading.Thread):
+    """Test side of the killed-actor test: once the run has loaded a teacher and committed a part, SIGKILL the
+    scoring actor's process (its pid is in its model-load record), once."""
+
+    def __init__(self, out: str):
+        super().__init__(daemon=True)
+        self.out, self.killed, self.stop = out, None, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            records = _model_loads(self.out)
+            if records and storage.parquet_parts(storage.join(self.out, "parts")):
+                try:
+                    os.kill(records[0]["pid"], signal.SIGKILL)
+                    self.killed = records[0]["pid"]
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_killed_scoring_actor_then_rerun_equals_uninterrupted(baseline, sample_store, teachers, tmp_path, monkeypatch):
-    marker = tmp_path / "killed.pid"
-    monkeypatch.setenv(KILL_HOOK_ENV, f"2:{marker}")  # the actor SIGKILLs itself after its 2nd block
+def test_killed_scoring_actor_then_rerun_equals_uninterrupted(baseline, sample_store, teachers, tmp_path):
+    # small blocks and one pair per forward pass: the run lasts long enough to be killed midway
     cfg = ScoreConfig(data=sample_store, teachers=[teachers[0]], out=str(tmp_path / "scores"),
-                      **{**SMALL, "bucket_pairs": 32})
+                      **{**SMALL, "rows_per_part": 50, "bucket_pairs": 8, "batch_size": 1})
+    killer = _KillScorerOnce(cfg.out)
+    killer.start()
     try:
-        score(cfg)
-    except Exception as e:  # Ray Data may give up on the block; the re-run must then finish the job
+        score(cfg)  # Ray Data restarts the actor and retries its block
+    except Exception as e:  # or gives up on the block; the re-run must then finish the job
         print(f"first run failed as the actor died: {type(e).__name__}")
-    assert marker.exists() and int(marker.read_text()) != os.getpid()
-    monkeypatch.delenv(KILL_HOOK_ENV)
-    score(cfg)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed and killer.killed != os.getpid(), "the run ended before its actor could be killed"
+    parts_before = {p: os.path.getmtime(p) for p in storage.parquet_parts(storage.join(cfg.out, "parts"))}
+    m = score(cfg)
+    assert {p: os.path.getmtime(p) for p in parts_before} == parts_before  # committed parts never rewritten
+    assert len(_model_loads(cfg.out)) >= 2  # the killed actor's load, and its replacement's
+    assert sum(m.stats["model_loads_all_runs"].values()) == len(_model_loads(cfg.out))
     _compare_teacher(cfg.out, baseline)
 
 
 @pytest.mark.slow
 def test_killed_driver_then_rerun_equals_uninterrupted(baseline, sample_store, teachers, tmp_path, ray_cluster):
     out = tmp_path / "scores"
-    flags = ["--data", sample_store, "--teacher", teachers[0], "--out", str(out), "--rows-per-part", "250",
-             "--parts-per-round", "1", "--bucket-pairs", "128", "--batch-size", "32", "--max-actors", "1"]
+    flags = ["--data", sample_store, "--teacher", teachers[0], "--out", str(out), "--rows-per-part", "50",
+             "--bucket-pairs", "8", "--batch-size", "1", "--max-actors", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "score_teachers.py"), *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -215,7 +299,7 @@ def test_killed_driver_then_rerun_equals_uninterrupted(baseline, sample_store, t
     plan = json.loads((out / "_work" / "plan.json").read_text())
     assert len(committed) < len(plan["parts"])
     cfg = ScoreConfig(data=sample_store, teachers=[teachers[0]], out=str(out),
-                      **{**SMALL, "parts_per_round": 1})
+                      **{**SMALL, "rows_per_part": 50, "bucket_pairs": 8, "batch_size": 1})
     m = score(cfg)
     assert {p: os.path.getmtime(p) for p in committed} == committed  # committed parts were skipped
     assert m.counts["parts"] == len(plan["parts"])
@@ -241,11 +325,12 @@ def _bad_triples(store: str) -> pa.Table:
                      "neg_pid": [999999999, t["neg_pid"][1].as_py()]}).cast(t.schema)
 
 
-def test_unknown_ids_fail_strict_with_row(sample_store, teachers, tmp_path):
+def test_unknown_ids_fail_strict_with_row(ray_cluster, sample_store, teachers, tmp_path):
     store = _store_copy(sample_store, tmp_path / "store", extra_triples=_bad_triples(sample_store))
     n = TextStore(store).triples().num_rows
     with pytest.raises(UserError, match=rf"row {n - 2} .*neg_pid 999999999 is not in the corpus.*2 triple"):
         score(ScoreConfig(data=store, teachers=[teachers[0]], out=str(tmp_path / "o")))
+    assert not (tmp_path / "o" / "_work").exists()  # nothing planned: a re-run with --lenient starts afresh
 
 
 def test_empty_triples_and_missing_teacher(sample_store, teachers, tmp_path):
@@ -256,6 +341,14 @@ def test_empty_triples_and_missing_teacher(sample_store, teachers, tmp_path):
         score(ScoreConfig(data=sample_store, teachers=[str(tmp_path / "no-teacher")], out=str(tmp_path / "o2")))
     with pytest.raises(UserError, match="2 weight"):
         score(ScoreConfig(data=sample_store, teachers=[teachers[0]], weights=[1, 2], out=str(tmp_path / "o3")))
+
+
+def test_a_headless_checkpoint_is_refused_as_a_teacher(sample_store, teachers, tiny_models, tmp_path):
+    headless = tiny_models("bert", "encoder", seed=5)
+    with pytest.raises(UserError, match=rf"teacher {headless} has no trained scoring head: its weights lack "
+                                        r"classifier\.weight, classifier\.bias"):
+        score(ScoreConfig(data=sample_store, teachers=[teachers[0], headless], out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def _max_lengths(path: str, query_max_length: int | None, passage_max_length: in
     return int(qlen), int(plen)
 
 
-def _no_head_message(name_or_path: str, missing: list[str]) -> str:
+def no_head_message(name_or_path: str, missing: list[str]) -> str:
     shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
     return (f"teacher {name_or_path} has no trained scoring head: its weights lack {shown}. A teacher's scores "
             "would come from a random layer; fine-tune it as a cross-encoder first (a student may start from it)")
@@ -319,7 +319,7 @@ class CrossEncoder(RankingModel):
                 f"Hugging Face hub (offline? misspelt?): {e}"
             ) from None
         if require_head and info.get("missing_keys"):
-            raise UserError(_no_head_message(name_or_path, sorted(info["missing_keys"])))
+            raise UserError(no_head_message(name_or_path, sorted(info["missing_keys"])))
         qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
         out = cls(model, tokenizer, query_max_length=qlen, passage_max_length=plen)
         out.eval()

@@ -1,0 +1,248 @@
+"""The ``score`` stage's driver: its config and :func:`score`, which runs (or resumes) the steps in order.
+
+1. **plan** (:mod:`.plan`, Ray tasks): triples -> output parts by a hash of the qid, checked and deduplicated,
+   each part's triples and unique pairs in ``_work/``, then ``_work/plan.json``.
+2. **pipeline** (:mod:`.pipeline`, one streaming Ray Dataset): the unique pairs of every pending part ->
+   texts -> tokens -> one pool of long-lived actors that each hold every teacher -> pair scores.
+3. **join** (:mod:`.join`, a Ray task per part): as soon as a part's pairs are all scored, its triples get
+   their scores and the part is committed; the driver only gathers rows and submits tasks.
+4. **analysis** (:mod:`.analysis`) and ``manifest.json``: statistics summed over the part footers, the score
+   distributions, and the model loads of this run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass
+
+from raykd import config, finished, storage
+from raykd.errors import UserError
+from raykd.formats import scores as fmt
+from raykd.formats.store import TextStore
+from raykd.log import get_logger
+from raykd.runtime import init_ray
+from raykd.stages.score import join, pipeline
+from raykd.stages.score.analysis import teacher_score_analysis
+from raykd.stages.score.plan import make_plan, read_plan
+
+
+@dataclass
+class ScoreConfig:
+    """Options of ``raykd score``."""
+
+    SECTION = "score"
+
+    data: str = config.field("", help="Text store URI (the output of `raykd prepare`), with triples.")
+    teachers: list[str] = config.field([], help="Teacher cross-encoders (BERT_CAT) by hub name or path.",
+                                       flag="--teacher")
+    out: str = config.field("", help="Output URI of the scores (local path or s3://).", fingerprint=False)
+    weights: list[float] = config.field([], help="Ensemble weight per teacher, in order (unset: equal weights, the mean).",
+                                         flag="--weight")
+    query_max_length: int = config.field(30, help="Query tokens kept per pair (the paper: 30).")
+    passage_max_length: int = config.field(200, help="Passage tokens kept per pair (the paper: 200).")
+    split: str = config.field("train", help="Query split of the store that the triples' qids belong to.")
+    batch_size: int = config.field(64, help="Pairs per forward pass.", fingerprint=False)
+    bucket_pairs: int = config.field(2048, help="Pairs per Ray Data block; each is sorted by length in the actor.", fingerprint=False)
+    rows_per_part: int = config.field(100_000, help="Target triples per output part (parts are split by qid).")
+    min_actors: int = config.field(1, help="Minimum scoring actors (each holds every teacher).", fingerprint=False)
+    max_actors: int = config.field(2, help="Maximum scoring actors (each holds every teacher; the autoscaler may add GPU nodes).", fingerprint=False)
+    gpus_per_actor: float = config.field(0.0, help="GPUs per scoring actor (1 on a GPU cluster).", fingerprint=False)
+    cpus_per_actor: float = config.field(0.5, help="CPUs per scoring actor (fractional on small machines).", fingerprint=False)
+    actor_resources: dict = config.field(
+        {}, help="Custom Ray resources per scoring actor, e.g. teacher_gpu=1 to land only on GPU worker nodes.",
+        fingerprint=False,
+    )
+    cpus_per_task: float = config.field(0.25, help="CPUs per text-lookup / tokenising task.", fingerprint=False)
+    torch_threads: int = config.field(1, help="torch threads per scoring actor (CPU only).", fingerprint=False)
+    lenient: bool = config.field(False, help="Quarantine bad rows (unknown ids, NaN scores) instead of failing.",
+                                 flag="--lenient/--strict")
+    histogram_bins: int = config.field(60, help="Bins of the per-teacher score histogram.")
+    overwrite: bool = config.field(
+        False, help="Replace an existing output made with other settings instead of refusing.", fingerprint=False
+    )
+
+
+log = get_logger("score")
+_log = log.info  # the stage's events, in raykd's one console format
+
+
+def _resolve_weights(cfg: ScoreConfig) -> list[float]:
+    if not cfg.weights:
+        return [1.0] * len(cfg.teachers)
+    w = [float(x) for x in cfg.weights]
+    if len(w) != len(cfg.teachers):
+        raise UserError(f"got {len(w)} weight(s) for {len(cfg.teachers)} teacher(s); give one --weight per --teacher")
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise UserError(f"ensemble weights must be >= 0 with a positive sum, got {w}")
+    return w
+
+
+def _check_teachers(cfg: ScoreConfig) -> None:
+    """Fail before any Ray work if a teacher cannot be loaded (e.g. a path that does not exist) or is no teacher
+    (its scoring head was never trained: a random layer would score); the actors check hub names on load."""
+    from raykd.models.cross_encoder import CrossEncoderTokenizer, missing_teacher_weights, no_head_message
+
+    for t in cfg.teachers:
+        CrossEncoderTokenizer.from_pretrained(t, cfg.query_max_length, cfg.passage_max_length)
+        missing = missing_teacher_weights(t)
+        if missing:
+            raise UserError(no_head_message(t, missing))
+
+
+def score(cfg: ScoreConfig) -> storage.Manifest:
+    """Run (or resume) the score stage; returns the manifest. See the module docstring and docs/score.md."""
+    t_start = time.time()
+    if not cfg.data or not cfg.out:
+        raise UserError("score needs --data (a text store) and --out (where to write the scores)")
+    # actors get these as strings and do not share the driver's working directory
+    cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data), out=storage.absolute(cfg.out),
+                              teachers=[storage.absolute_model(t) for t in cfg.teachers])
+    if not cfg.teachers:
+        raise UserError("score needs at least one --teacher (a cross-encoder hub name or path)")
+    if cfg.batch_size < 1 or cfg.bucket_pairs < 1 or cfg.rows_per_part < 1 or cfg.min_actors < 1:
+        raise UserError("batch_size, bucket_pairs, rows_per_part and min_actors must be >= 1")
+    store = TextStore(cfg.data)
+    weights = _resolve_weights(cfg)
+    names = fmt.teacher_names(cfg.teachers)
+    _check_teachers(cfg)
+    claim = finished.claim(cfg.out, "score", finished.fingerprint(
+        cfg, weights=weights, **{"data.created_at": finished.input_identity(cfg.data),
+                                 "teachers.created_at": [finished.input_identity(t) for t in cfg.teachers]}),
+        cfg.overwrite)
+    if claim.finished:
+        _log(f"{cfg.out} is already complete; nothing to do")
+        return claim.manifest
+
+    plan = read_plan(cfg.out)
+    if plan is None:
+        init_ray()
+        plan = make_plan(cfg.out, store, cfg.split, cfg.rows_per_part, cfg.lenient, cfg.cpus_per_task)
+    elif "part_pairs" not in plan:
+        raise UserError(f"{cfg.out}: its unfinished run was planned by an older raykd (no unique pairs per part); "
+                        "pass --overwrite to start it afresh")
+    else:
+        _log(f"resuming: plan with {len(plan['parts'])} part(s) found")
+
+    committed = set(storage.listdir(storage.join(cfg.out, "parts")))
+    pending = [p for p in plan["parts"] if fmt.part_name(p) not in committed]
+    _log(f"{len(plan['parts']) - len(pending)} part(s) already committed, {len(pending)} to score "
+         f"with teachers {', '.join(names)}")
+    loads_uri = storage.join(cfg.out, "_work", "model_loads", f"run-{int(time.time())}-{uuid.uuid4().hex[:6]}")
+    t_score = time.time()
+    if pending:
+        _score_parts(cfg, store, names, weights, plan, pending, loads_uri)
+    scoring_s = time.time() - t_score
+    return _finish(cfg, claim, names, weights, plan, loads_uri, scoring_s, t_start)
+
+
+def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: list[float], plan: dict,
+                 pending: list[int], loads_uri: str) -> None:
+    """Steps 2 and 3: stream every pending part's pairs through the actor pool; join and commit each part in
+    a Ray task as soon as its pairs are complete."""
+    import ray
+
+    init_ray()
+    corpus_refs, queries_ref = pipeline.shared_texts(store, cfg.split)
+    ds = pipeline.pair_scores(
+        cfg.out, {p: plan["part_pairs"][str(p)] for p in pending}, list(zip(names, [str(t) for t in cfg.teachers])),
+        corpus_refs, queries_ref, loads_uri, query_max_length=cfg.query_max_length,
+        passage_max_length=cfg.passage_max_length, batch_size=cfg.batch_size, bucket_pairs=cfg.bucket_pairs,
+        min_actors=cfg.min_actors, max_actors=cfg.max_actors, gpus_per_actor=cfg.gpus_per_actor,
+        cpus_per_actor=cfg.cpus_per_actor, actor_resources=cfg.actor_resources, cpus_per_task=cfg.cpus_per_task,
+        torch_threads=cfg.torch_threads,
+    )
+    gather = join.PartGather({p: plan["part_pairs"][str(p)] for p in pending})
+    join_task = ray.remote(join.join_part).options(num_cpus=cfg.cpus_per_task)
+    running: dict = {}
+    done = len(plan["parts"]) - len(pending)
+    t0, pairs_done = time.time(), 0
+
+    def harvest(timeout: float) -> None:
+        nonlocal done, pairs_done
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=timeout)
+        for ref in ready:
+            p = running.pop(ref)
+            try:
+                stats = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, UserError):  # strict mode's NaN refusal, raised in the task
+                    raise e.cause from None
+                raise
+            done += 1
+            pairs_done += stats["unique_pairs"]
+            dt = time.time() - t0
+            _log(f"parts {done}/{len(plan['parts'])} committed (part {p}); {pairs_done} pairs x {len(names)} "
+                 f"teacher(s) in {dt:.1f}s ({pairs_done * len(names) / max(dt, 1e-9):.0f} forward pairs/s)")
+
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for p, pair_scores in gather.add(batch):
+            running[join_task.remote(cfg.out, names, weights, cfg.lenient, p, pair_scores)] = p
+        if running:
+            harvest(0)
+    missing = gather.missing()
+    if missing:
+        raise RuntimeError(f"the scoring pipeline lost pairs: {sum(missing.values())} of {len(missing)} part(s) "
+                           f"missing (e.g. part {next(iter(missing))})")
+    while running:
+        harvest(None)
+
+
+def _finish(cfg: ScoreConfig, claim: finished.Claim, names: list[str], weights: list[float], plan: dict,
+            loads_uri: str, scoring_s: float, t_start: float) -> storage.Manifest:
+    """Step 4: statistics over the part footers, the analysis, the manifest."""
+    part_names = [fmt.part_name(p) for p in plan["parts"]]
+    part_uris = [storage.join(cfg.out, "parts", n) for n in part_names]
+    per_part = [join.part_stats(u) for u in part_uris]
+    n_triples = sum(s["triples"] for s in per_part)
+    fwd = {n: sum(s["forward_passes"][n] for s in per_part) for n in names}
+    real = {n: sum(s["real_tokens"][n] for s in per_part) for n in names}
+    padded = {n: sum(s["padded_tokens"][n] for s in per_part) for n in names}
+    quarantined_nan = sum(s["quarantined_nan"] for s in per_part)
+    summary = teacher_score_analysis(cfg.out, names, part_uris, cfg.histogram_bins)
+    loads = pipeline.model_loads(loads_uri, names)
+    all_runs = storage.join(cfg.out, "_work", "model_loads")
+    loads_all = {n: sum(pipeline.model_loads(storage.join(all_runs, r), [n])[n] for r in storage.listdir(all_runs))
+                 for n in names}
+    stats = {
+        "teachers": names,
+        "teacher_paths": [str(t) for t in cfg.teachers],
+        "weights": weights,
+        "forward_passes": fwd,
+        "forward_passes_total": sum(fwd.values()),
+        "naive_forward_passes": 2 * (n_triples + quarantined_nan) * len(names),
+        "unique_pairs": sum(s["unique_pairs"] for s in per_part),
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padded_over_real": sum(padded.values()) / max(1, sum(real.values())),
+        "model_loads": loads,
+        "model_loads_all_runs": loads_all,
+        "score_summary": summary,
+    }
+    counts = {
+        "triples": n_triples,
+        "triples_in": plan["triples_in"],
+        "duplicate_triples": plan["duplicate_triples"],
+        "quarantined": {"unknown_ids": plan["quarantined_unknown_ids"], "nan_scores": quarantined_nan},
+        "quarantined_total": plan["quarantined_unknown_ids"] + quarantined_nan,
+        "parts": len(part_names),
+    }
+    m = storage.write_manifest(
+        cfg.out,
+        "score",
+        format=fmt.FORMAT,
+        format_version=fmt.VERSION,
+        config=storage.redact(dataclasses.asdict(cfg)),
+        inputs={"data": storage.redact(str(cfg.data)), "teachers": [str(t) for t in cfg.teachers]},
+        counts=counts,
+        stats=stats,
+        parts=[f"parts/{n}" for n in part_names],
+        timings={"plan_s": plan.get("plan_s"), "scoring_s": round(scoring_s, 3),
+                 "total_s": round(time.time() - t_start, 3)},
+        fingerprint=claim.fingerprint,
+    )
+    _log(f"done: {n_triples} triples, {stats['forward_passes_total']} forward passes "
+         f"(naive {stats['naive_forward_passes']}), padded/real tokens {stats['padded_over_real']:.3f}, "
+         f"model loads {loads}")
+    return m
