@@ -313,14 +313,15 @@ class Stage:
     name: str
     unit: str
     run: Callable[[Rehearsal], int]
+    uses_ray: bool = False
 
 
 STAGES = [
     Stage("sample", "rows", run_sample),
     Stage("prepare", "rows", run_prepare),
     Stage("texts", "passages", run_texts),
-    Stage("score", "triples", run_score),
-    Stage("train", "triples", run_train),
+    Stage("score", "triples", run_score, uses_ray=True),
+    Stage("train", "triples", run_train, uses_ray=True),
 ]
 
 
@@ -336,8 +337,10 @@ def _du(path: str) -> int:
 
 
 def _score_slice(r: Rehearsal) -> str:
-    """A text store that shares the prepared corpus and queries (symlinks) but holds only the first triples parts
-    up to ``--score-max-triples`` rows: for fractions whose whole triple set would take hours to score here."""
+    """A text store that shares the prepared corpus and queries (symlinks) but holds only the first
+    ``--score-max-triples`` triples (whole queries: ~100 triples each): for fractions whose whole triple set
+    would take hours to score here. Score still shares the whole corpus and checks every id against it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     sliced = f"{r.root}/store-slice"
@@ -346,15 +349,19 @@ def _score_slice(r: Rehearsal) -> str:
     for name in os.listdir(r.store):
         if name not in ("triples", "manifest.json", "_started.json"):
             os.symlink(f"{r.store}/{name}", f"{sliced}/{name}")
-    rows = 0
+    batches, rows = [], 0
     for name in sorted(os.listdir(f"{r.store}/triples")):
+        for b in pq.ParquetFile(f"{r.store}/triples/{name}").iter_batches(batch_size=65_536):
+            batches.append(b.slice(0, r.args.score_max_triples - rows))
+            rows += batches[-1].num_rows
+            if rows >= r.args.score_max_triples:
+                break
         if rows >= r.args.score_max_triples:
             break
-        os.symlink(f"{r.store}/triples/{name}", f"{sliced}/triples/{name}")
-        rows += pq.ParquetFile(f"{r.store}/triples/{name}").metadata.num_rows
+    pq.write_table(pa.Table.from_batches(batches), f"{sliced}/triples/{sorted(os.listdir(f'{r.store}/triples'))[0]}")
     with open(f"{r.store}/manifest.json") as f:
         manifest = json.load(f)
-    manifest.setdefault("notes", {})["rehearsal"] = f"triples sliced to the first {rows} rows"
+    manifest["counts"]["triples"] = rows
     with open(f"{sliced}/manifest.json", "w") as f:
         json.dump(manifest, f)
     return sliced
@@ -376,6 +383,8 @@ def run_fraction(fraction: float, stages: list[Stage], args, sampler: Sampler) -
         sampler.begin_stage()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
+        if stage.uses_ray:
+            _start_ray()
         work = stage.run(r)
         wall = time.perf_counter() - t0
         _shutdown_ray()
@@ -402,6 +411,22 @@ def run_fraction(fraction: float, stages: list[Stage], args, sampler: Sampler) -
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return rows
+
+
+def _start_ray(attempts: int = 4) -> None:
+    """The stage's local Ray cluster, started here so that a start can be retried: Ray gives its raylet a fixed
+    30 s to register, which a heavily loaded machine can miss ("The current node timed out during startup")."""
+    from raykd.runtime import init_ray
+
+    for i in range(attempts):
+        try:
+            init_ray(progress_bars=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            _shutdown_ray()
+            if i == attempts - 1:
+                raise
+            print(f"ray start failed ({e}); retrying", flush=True)
 
 
 def _shutdown_ray() -> None:
@@ -462,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"Comma-separated stages, from {', '.join(s.name for s in STAGES)} (run in that order).")
     ap.add_argument("--train-steps", type=int, default=200, help="Optimizer steps of the train stage (batch 32, 2 workers).")
     ap.add_argument("--score-max-triples", type=int, default=0,
-                    help="Score only the first triples parts up to this many rows (0: all the fraction's triples).")
+                    help="Score (and train on) only the first N triples of a larger fraction (0: all of them).")
     ap.add_argument("--lookup-batches", type=int, default=200, help="Random batches of 1,024 pids the texts stage looks up.")
     ap.add_argument("--root", default="/tmp/raykd-scale", help="Work folder (a sub-folder per fraction).")
     ap.add_argument("--keep", action="store_true", help="Keep each fraction's files (default: deleted after it).")
