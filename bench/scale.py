@@ -437,8 +437,9 @@ def _shutdown_ray() -> None:
             ray.shutdown()
 
 
-def growth(rows: list[dict], fractions: list[float]) -> dict[str, float]:
-    """Per stage, (time ratio / work ratio) between the two largest fractions."""
+def growth(rows: list[dict], fractions: list[float], time_key: str = "wall_s") -> dict[str, float]:
+    """Per stage, (time ratio / work ratio) between the two largest fractions; ``time_key="all_cpu_s"``: CPU
+    time, the figure a shared machine's load disturbs least."""
     if len(fractions) < 2:
         return {}
     small, big = sorted(fractions)[-2:]
@@ -446,22 +447,23 @@ def growth(rows: list[dict], fractions: list[float]) -> dict[str, float]:
     out = {}
     for (f, name), b in by.items():
         a = by.get((small, name))
-        if f == big and a and a["work"] and b["work"] and a["wall_s"]:
-            out[name] = round((b["wall_s"] / a["wall_s"]) / (b["work"] / a["work"]), 3)
+        if f == big and a and a["work"] and b["work"] and a[time_key]:
+            out[name] = round((b[time_key] / a[time_key]) / (b["work"] / a["work"]), 3)
     return out
 
 
-def table(rows: list[dict], grow: dict[str, float], fractions: list[float]) -> str:
+def table(rows: list[dict], grow: dict[str, float], cpu_grow: dict[str, float], fractions: list[float]) -> str:
     big = max(fractions)
     head = ("| fraction | stage | work | wall s | per s | CPU s driver / all | driver USS GB | largest worker USS GB "
-            "| object store GB | growth |")
+            "| object store GB | growth wall / CPU |")
     lines = [head, "|" + " --- |" * 10]
     for x in rows:
-        g = grow.get(x["stage"]) if x["fraction"] == big else None
+        g = f"{grow[x['stage']]:.2f} / {cpu_grow.get(x['stage'], float('nan')):.2f}" if (
+            x["fraction"] == big and x["stage"] in grow) else ""
         lines.append(
             f"| {x['fraction']:g} | {x['stage']} | {x['work']:,} {x['unit']} | {x['wall_s']:.1f} | {x['per_s']:,.0f} "
             f"| {x['driver_cpu_s']:.1f} / {x['all_cpu_s']:.1f} | {x['driver_peak_gb']:.2f} | {x['worker_peak_gb']:.2f} "
-            f"| {x['object_store_shm_gb']:.2f} | {'' if g is None else f'{g:.2f}'} |"
+            f"| {x['object_store_shm_gb']:.2f} | {g} |"
         )
     return "\n".join(lines)
 
@@ -514,12 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sampler.stop()
     info["loadavg_end"] = os.getloadavg()
-    grow = growth(rows, fractions)
+    grow, cpu_grow = growth(rows, fractions), growth(rows, fractions, "all_cpu_s")
     big = [x for x in rows if x["fraction"] == max(fractions)]
     driver_peak = max(x["driver_peak_gb"] for x in big)
     worker_peak = max(x["worker_peak_gb"] for x in big)
     worst = max(grow.values()) if grow else None
-    result = {"machine": info, "settings": vars(args), "rows": rows, "growth": grow,
+    result = {"machine": info, "settings": vars(args), "rows": rows, "growth": grow, "cpu_growth": cpu_grow,
               "total_wall_s": round(time.perf_counter() - t0, 1),
               "summary": {"driver_peak_gb": driver_peak, "worker_peak_gb": worker_peak, "growth": worst}}
     if args.out:
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['nproc']} cores, avx512_bf16: {info['avx512_bf16']}, {info['ram_gb']} GB RAM, "
           f"load average {info['loadavg_start'][0]:.0f} -> {info['loadavg_end'][0]:.0f}; "
           f"total {result['total_wall_s']:.0f} s")
-    print(table(rows, grow, fractions))
+    print(table(rows, grow, cpu_grow, fractions))
     print(f"scale: driver_peak_gb={driver_peak:.3f} worker_peak_gb={worker_peak:.3f} "
           f"growth={'na' if worst is None else f'{worst:.3f}'}", flush=True)
     return 0
