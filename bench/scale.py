@@ -2,7 +2,7 @@
 plane (time, throughput, memory) and how it grows with the work.
 
     .venv/bin/python bench/scale.py --fractions 0.001,0.01 [--stages sample,prepare,texts,score,train]
-        [--train-steps 200] [--score-max-triples N] [--root /tmp/raykd-scale] [--keep] [--out scale.json]
+        [--train-steps 50] [--score-max-triples 20000] [--root /tmp/raykd-scale] [--keep] [--out scale.json]
 
 For each fraction F (1.0: MS MARCO's 8,841,823 passages and 39,780,811 id triples) the stages run one after
 another in this process, which is the driver, as under ``ray job submit``:
@@ -15,6 +15,9 @@ another in this process, which is the driver, as under ``ray job submit``:
              what is measured); work: triples scored
 ``train``    ``raykd.stages.train.train``: a tiny BERT_DOT, Margin-MSE, ``--train-steps`` steps at batch 32 on 2
              workers; work: triples seen
+
+Defaults (50 steps; score and train on the first 20,000 triples of each fraction, ``--score-max-triples 0`` for
+all of them) are sized for a 2-core machine: see docs/scale.md for what ran and how long it took.
 
 A stage is one function in ``STAGES`` (name, unit, callable returning its work count); a later stage (index,
 search, evaluate) is one more entry. Ray is shut down after every stage, so each Ray stage starts (and is
@@ -487,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", default="0.001,0.01", help="Comma-separated fractions of MS MARCO's size.")
     ap.add_argument("--stages", default=",".join(s.name for s in STAGES),
                     help=f"Comma-separated stages, from {', '.join(s.name for s in STAGES)} (run in that order).")
-    ap.add_argument("--train-steps", type=int, default=200, help="Optimizer steps of the train stage (batch 32, 2 workers).")
-    ap.add_argument("--score-max-triples", type=int, default=0,
+    ap.add_argument("--train-steps", type=int, default=50, help="Optimizer steps of the train stage (batch 32, 2 workers).")
+    ap.add_argument("--score-max-triples", type=int, default=20_000,
                     help="Score (and train on) only the first N triples of a larger fraction (0: all of them).")
     ap.add_argument("--lookup-batches", type=int, default=200, help="Random batches of 1,024 pids the texts stage looks up.")
     ap.add_argument("--root", default="/tmp/raykd-scale", help="Work folder (a sub-folder per fraction).")
