@@ -386,11 +386,13 @@ def run_fraction(fraction: float, stages: list[Stage], args, sampler: Sampler) -
         sampler.begin_stage()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        if stage.uses_ray:
-            _start_ray()
-        work = stage.run(r)
-        wall = time.perf_counter() - t0
-        _shutdown_ray()
+        try:
+            if stage.uses_ray:
+                _start_ray()
+            work = stage.run(r)
+            wall = time.perf_counter() - t0
+        finally:
+            _shutdown_ray()
         pk = sampler.end_stage()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         row = {
