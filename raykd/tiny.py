@@ -15,20 +15,25 @@ from raykd.sample import lexicon
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[Q]", "[D]"]
 
 
-def vocabulary() -> list[str]:
+def vocabulary(words: list[str] | None = None) -> list[str]:
+    """Special tokens, ``words`` (default: the demo sample's :func:`~raykd.sample.lexicon`), then single
+    characters, so that any other word still tokenises (character by character), never to [UNK]."""
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    return SPECIAL + [f"[unused{i}]" for i in range(8)] + lexicon() + chars + ["##" + c for c in chars]
+    words = lexicon() if words is None else [w for w in dict.fromkeys(words) if w not in chars]
+    return SPECIAL + [f"[unused{i}]" for i in range(8)] + words + chars + ["##" + c for c in chars]
 
 
-def write_tokenizer(out_dir: str):
+def write_tokenizer(out_dir: str, words: list[str] | None = None):
     """A BERT WordPiece tokenizer over :func:`vocabulary`, saved to ``out_dir``. Built from the vocab file with
-    ``BertTokenizer`` (transformers 5's ``BertTokenizerFast(vocab_file=...)`` silently ignores the file)."""
+    ``BertTokenizer`` (transformers 5's ``BertTokenizerFast(vocab_file=...)`` silently ignores the file).
+    ``words``: whole-word entries instead of the demo lexicon (the msmarco-full preset's
+    :func:`~raykd.sample.full_lexicon`, whose words the demo vocabulary splits into characters)."""
     from transformers import BertTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     vocab_path = os.path.join(out_dir, "vocab.txt")
     with open(vocab_path, "w") as f:
-        f.write("\n".join(vocabulary()) + "\n")
+        f.write("\n".join(vocabulary(words)) + "\n")
     tok = BertTokenizer(vocab_path, do_lower_case=True)
     tok.save_pretrained(out_dir)
     return tok
@@ -45,12 +50,14 @@ def build_tiny_model(
     max_position: int = 512,
     seed: int = 0,
     dropout: float = 0.1,
+    words: list[str] | None = None,
 ) -> str:
     """Write a randomly initialised model + tokenizer to ``out_dir`` and return the path.
 
     ``arch``: ``bert`` | ``albert`` | ``distilbert``. ``head``: ``encoder`` (AutoModel) or ``cross_encoder``
     (AutoModelForSequenceClassification, one label: BERT_CAT's linear layer on CLS). ``dropout``: hidden and
-    attention dropout (tiny models trained from scratch on the sample learn faster without)."""
+    attention dropout (tiny models trained from scratch on the sample learn faster without). ``words``: the
+    tokenizer's whole words (see :func:`write_tokenizer`)."""
     import torch
     from transformers import (
         AlbertConfig,
@@ -61,7 +68,7 @@ def build_tiny_model(
     )
 
     torch.manual_seed(seed)
-    tok = write_tokenizer(out_dir)
+    tok = write_tokenizer(out_dir, words)
     vocab_size = len(tok.get_vocab())
     if arch == "bert":
         config = BertConfig(

@@ -60,6 +60,17 @@ def test_tiny_vocabulary_covers_the_lexicon():
     assert set(lexicon()) <= vocab and {"[CLS]", "[SEP]", "[MASK]", "[Q]", "[D]"} <= vocab
 
 
+def test_tiny_tokenizer_can_hold_the_full_presets_words(tmp_path):
+    from raykd.sample import full_lexicon
+    from raykd.tiny import write_tokenizer
+
+    words = full_lexicon()
+    assert len(set(vocabulary(words)) & set(words)) == len(words)
+    tok = write_tokenizer(str(tmp_path), words)
+    assert tok.tokenize(f"{words[0]} {words[-1]}") == [words[0], words[-1]]  # whole words, not characters
+    assert "[UNK]" not in write_tokenizer(str(tmp_path / "demo")).tokenize(words[-1])  # characters, never [UNK]
+
+
 def _digest(folder) -> str:
     import hashlib
     import os
