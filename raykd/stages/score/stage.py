@@ -23,8 +23,9 @@ from raykd.formats import scores as fmt
 from raykd.formats.store import TextStore
 from raykd.log import get_logger
 from raykd.runtime import init_ray
-from raykd.stages.score import join, pipeline
 from raykd.stages.score.analysis import teacher_score_analysis
+from raykd.stages.score.join import PartGather, join_part, part_stats
+from raykd.stages.score.pipeline import model_loads, pair_scores, shared_texts
 from raykd.stages.score.plan import make_plan, read_plan
 
 
@@ -144,8 +145,8 @@ def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: 
     import ray
 
     init_ray()
-    corpus_refs, queries_ref = pipeline.shared_texts(store, cfg.split)
-    ds = pipeline.pair_scores(
+    corpus_refs, queries_ref = shared_texts(store, cfg.split)
+    ds = pair_scores(
         cfg.out, {p: plan["part_pairs"][str(p)] for p in pending}, list(zip(names, [str(t) for t in cfg.teachers])),
         corpus_refs, queries_ref, loads_uri, query_max_length=cfg.query_max_length,
         passage_max_length=cfg.passage_max_length, batch_size=cfg.batch_size, bucket_pairs=cfg.bucket_pairs,
@@ -153,8 +154,8 @@ def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: 
         cpus_per_actor=cfg.cpus_per_actor, actor_resources=cfg.actor_resources, cpus_per_task=cfg.cpus_per_task,
         torch_threads=cfg.torch_threads,
     )
-    gather = join.PartGather({p: plan["part_pairs"][str(p)] for p in pending})
-    join_task = ray.remote(join.join_part).options(num_cpus=cfg.cpus_per_task)
+    gather = PartGather({p: plan["part_pairs"][str(p)] for p in pending})
+    join_task = ray.remote(join_part).options(num_cpus=cfg.cpus_per_task)
     running: dict = {}
     done = len(plan["parts"]) - len(pending)
     t0, pairs_done = time.time(), 0
@@ -177,8 +178,8 @@ def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: 
                  f"teacher(s) in {dt:.1f}s ({pairs_done * len(names) / max(dt, 1e-9):.0f} forward pairs/s)")
 
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for p, pair_scores in gather.add(batch):
-            running[join_task.remote(cfg.out, names, weights, cfg.lenient, p, pair_scores)] = p
+        for p, part_pair_scores in gather.add(batch):
+            running[join_task.remote(cfg.out, names, weights, cfg.lenient, p, part_pair_scores)] = p
         if running:
             harvest(0)
     missing = gather.missing()
@@ -194,16 +195,16 @@ def _finish(cfg: ScoreConfig, claim: finished.Claim, names: list[str], weights: 
     """Step 4: statistics over the part footers, the analysis, the manifest."""
     part_names = [fmt.part_name(p) for p in plan["parts"]]
     part_uris = [storage.join(cfg.out, "parts", n) for n in part_names]
-    per_part = [join.part_stats(u) for u in part_uris]
+    per_part = [part_stats(u) for u in part_uris]
     n_triples = sum(s["triples"] for s in per_part)
     fwd = {n: sum(s["forward_passes"][n] for s in per_part) for n in names}
     real = {n: sum(s["real_tokens"][n] for s in per_part) for n in names}
     padded = {n: sum(s["padded_tokens"][n] for s in per_part) for n in names}
     quarantined_nan = sum(s["quarantined_nan"] for s in per_part)
     summary = teacher_score_analysis(cfg.out, names, part_uris, cfg.histogram_bins)
-    loads = pipeline.model_loads(loads_uri, names)
+    loads = model_loads(loads_uri, names)
     all_runs = storage.join(cfg.out, "_work", "model_loads")
-    loads_all = {n: sum(pipeline.model_loads(storage.join(all_runs, r), [n])[n] for r in storage.listdir(all_runs))
+    loads_all = {n: sum(model_loads(storage.join(all_runs, r), [n])[n] for r in storage.listdir(all_runs))
                  for n in names}
     stats = {
         "teachers": names,
