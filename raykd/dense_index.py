@@ -145,6 +145,9 @@ def local_output(uri: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other written one
         if storage.is_s3(uri):
             with open(tmp, "rb") as src, storage.open_write_atomic(uri) as dst:
                 shutil.copyfileobj(src, dst, 16 << 20)

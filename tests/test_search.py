@@ -159,7 +159,7 @@ def test_hybrid_tuned_on_a_sample_equals_full_tuning(mini_store, tmp_path):
         for name, stemmer in (("plain", "none"), ("bm25", "porter")):
             runs[split, name] = str(tmp_path / f"{split}-{name}")
             search(SearchConfig(data=mini_store, bm25=True, stemmer=stemmer, split=split, k=100,
-                                out=runs[split, name]))
+                                bm25_index=str(tmp_path / f"bm25-index-{name}"), out=runs[split, name]))
     common = dict(data=mini_store, hybrid=True, dense=runs["test", "plain"], sparse=runs["test", "bm25"],
                   tune_split="train", tune_dense=runs["train", "plain"], tune_sparse=runs["train", "bm25"],
                   split="test", k=100)
