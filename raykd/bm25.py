@@ -14,10 +14,14 @@ Measured on BEIR SciFact test (docs/retrieval.md): nDCG@10 within 0.02 of Anseri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 STEMMERS = ("porter", "english", "none")
 
@@ -41,39 +45,88 @@ def _stemmer(name: str):
 
 
 class BM25Index:
-    """An in-memory bm25s index over passages, searchable by query text; results carry the passages' ids."""
+    """A bm25s index over passages, searchable by query text; row i of the index is passage ``ids[i]``.
+
+    Built in memory (:meth:`index`, or :meth:`index_batches` for a corpus read batch by batch with one shared
+    vocabulary), saved with bm25s' ``save`` plus ``ids.parquet`` and ``raykd_bm25.json`` (:meth:`save`), and
+    loaded memory-mapped (:meth:`load`): a loaded index keeps its score matrix on disk and pages it in as
+    queries touch it, so several processes can search one copy."""
+
+    PARAMS = "raykd_bm25.json"
 
     def __init__(self, params: BM25Params | None = None):
         self.params = params or BM25Params()
         self._stem = _stemmer(self.params.stemmer)
-        self.ids: np.ndarray | None = None
+        self.ids: pa.Array | None = None
+
+    def _stopwords(self):
+        return None if self.params.stopwords == "none" else self.params.stopwords
 
     def _tokenize(self, texts: Sequence[str]):
         import bm25s
 
-        stop = None if self.params.stopwords == "none" else self.params.stopwords
-        return bm25s.tokenize(list(texts), stopwords=stop, stemmer=self._stem, show_progress=False)
+        return bm25s.tokenize(list(texts), stopwords=self._stopwords(), stemmer=self._stem, show_progress=False)
 
     def index(self, passages: Sequence[str], ids: Sequence) -> BM25Index:
-        import bm25s
-
         if len(passages) != len(ids):
             raise ValueError(f"{len(passages)} passages but {len(ids)} ids")
-        self.ids = np.asarray(ids)
+        return self.index_batches([(passages, ids)])
+
+    def index_batches(self, batches: Iterable[tuple[Sequence[str], Sequence]]) -> BM25Index:
+        """Index ``(passages, ids)`` batches in order: each batch's texts are tokenised and dropped, only their
+        token ids (one shared vocabulary) are kept until bm25s builds its score matrix."""
+        import bm25s
+        from bm25s.tokenization import Tokenizer
+
+        tok = Tokenizer(stopwords=self._stopwords() or [], stemmer=self._stem)
+        token_ids: list[list[int]] = []
+        ids = []
+        for passages, batch_ids in batches:
+            token_ids.extend(tok.tokenize(list(passages), update_vocab=True, return_as="ids", show_progress=False))
+            ids.append(pa.array(batch_ids) if not isinstance(batch_ids, (pa.Array, pa.ChunkedArray)) else batch_ids)
+        self.ids = pa.chunked_array(ids).combine_chunks() if ids else pa.array([], pa.string())
+        if len(self.ids) != len(token_ids):
+            raise ValueError(f"{len(token_ids)} passages but {len(self.ids)} ids")
         self._bm25 = bm25s.BM25(k1=self.params.k1, b=self.params.b, method="lucene")
-        self._bm25.index(self._tokenize(passages), show_progress=False)
+        self._bm25.index((token_ids, tok.get_vocab_dict()), show_progress=False)
         return self
 
-    def search(self, queries: Sequence[str], k: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, scores)``, each of shape ``(len(queries), min(k, n_passages))``, best first. A query whose
-        terms match nothing gets score 0 rows (bm25s fills them with arbitrary documents at score 0; callers
-        drop zero scores)."""
+    def save(self, folder: str) -> None:
+        """bm25s' files, ``ids.parquet`` (doc_id of each row) and the parameters, into a local folder."""
+        import pyarrow.parquet as pq
+
+        self._bm25.save(folder, show_progress=False)
+        pq.write_table(pa.table({"doc_id": self.ids}), os.path.join(folder, "ids.parquet"))
+        with open(os.path.join(folder, self.PARAMS), "w") as f:
+            json.dump(dataclasses.asdict(self.params), f, sort_keys=True)
+
+    @classmethod
+    def load(cls, folder: str, mmap: bool = True) -> BM25Index:
+        """A saved index from a local folder, its score matrix memory-mapped (``mmap=True``)."""
+        import bm25s
+        import pyarrow.parquet as pq
+
+        with open(os.path.join(folder, cls.PARAMS)) as f:
+            self = cls(BM25Params(**json.load(f)))
+        self._bm25 = bm25s.BM25.load(folder, mmap=mmap, load_corpus=False)
+        self.ids = pq.read_table(os.path.join(folder, "ids.parquet"))["doc_id"].combine_chunks()
+        return self
+
+    def search_rows(self, queries: Sequence[str], k: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, scores)``, each of shape ``(len(queries), min(k, n_passages))``, best first; row i is
+        ``ids[i]``. A query whose terms match nothing gets score-0 rows (bm25s fills them with arbitrary
+        documents at score 0; callers drop zero scores)."""
         if self.ids is None:
-            raise RuntimeError("index() first")
+            raise RuntimeError("index() or load() first")
         k = min(k, len(self.ids))
-        tokens = self._tokenize(queries)
-        docs, scores = self._bm25.retrieve(tokens, k=k, show_progress=False, n_threads=0)
-        return self.ids[docs], scores
+        docs, scores = self._bm25.retrieve(self._tokenize(queries), k=k, show_progress=False, n_threads=0)
+        return docs, scores
+
+    def search(self, queries: Sequence[str], k: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, scores)`` as :meth:`search_rows`, with the passages' ids (small query sets)."""
+        rows, scores = self.search_rows(queries, k)
+        ids = np.asarray(self.ids.take(pa.array(rows.ravel())).to_pylist(), dtype=object).reshape(rows.shape)
+        return ids, scores
 
 
 class BM25PairScorer:

@@ -5,7 +5,7 @@ Layout under the index URI (what ``raykd index`` writes)::
     shards/shard-NNNNN/ids.parquet      pid int64, doc_id string; row i is the shard's Faiss label i
     shards/shard-NNNNN/vectors.npy      float32 (rows, dim) passage vectors, same row order
     shards/shard-NNNNN/encoded.json     commit point of the shard's vectors: rows, dim, first_row
-    shards/shard-NNNNN/index.faiss      the shard's Faiss index (faiss.serialize_index), inner product
+    shards/shard-NNNNN/index.faiss      the shard's Faiss index (faiss.write_index), inner product
     shards/shard-NNNNN/shard.json       commit point of the shard's index: rows, dim, first_row, factory, ntotal
     trained.faiss                       (IVF/PQ factories only) the trained, empty index every shard starts from,
                                         so all shards share ONE coarse quantizer (and PQ codebooks)
@@ -20,20 +20,29 @@ Layout under the index URI (what ``raykd index`` writes)::
 Shard s holds the corpus rows ``[first_row, first_row + rows)`` in the text store's part order; global row =
 ``first_row + label``. Scores are inner products (for an L2-normalised encoder: cosine).
 
+Large files never pass through memory as bytes: indexes are written with ``faiss.write_index`` to local disk
+and moved or uploaded from the file (:func:`write_index`), read with ``faiss.read_index`` from a local file or
+a download (:func:`read_index`), and vectors are streamed into ``.npy`` (:class:`NpyWriter`) and read
+memory-mapped (:func:`local_copy`).
+
 Two ways to search a sharded index, with the same ranking as one flat index over all vectors (ties aside):
 (a) :func:`merge` puts every shard into one index (IVF: ``merge_from``, the shared quantizer makes that exact;
-Flat: codes appended; HNSW cannot be merged, so its vectors are re-added: the one case that holds all
-vectors in memory, and only when the user asks for a merge);
-(b) :meth:`DenseIndex.search` over the shard set loads one shard at a time, searches it (on all GPUs when
-``faiss.get_num_gpus() > 0``) and keeps the running top-k, so no process holds more than one shard.
+Flat: codes appended; HNSW cannot be merged, so its vectors are re-added), holding the merged index;
+(b) the shard set: each part searched on its own (:func:`search_part`, on all GPUs when
+``faiss.get_num_gpus() > 0``) and the top-k lists merged (:func:`topk_merge`): in parallel actors by the
+search stage, or one shard at a time in one process by :meth:`DenseIndex.search`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -64,13 +73,18 @@ def new_index(dim: int, factory: str) -> faiss.Index:
         raise UserError(f"Faiss index factory {factory!r} is not valid: {str(e).splitlines()[-1]}") from None
 
 
-def to_bytes(index: faiss.Index) -> bytes:
+def _on_cpu(index: faiss.Index) -> faiss.Index:
     if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_gpu_to_cpu"):
         try:
-            index = faiss.index_gpu_to_cpu(index)
+            return faiss.index_gpu_to_cpu(index)
         except (RuntimeError, TypeError):
             pass
-    return faiss.serialize_index(index).tobytes()
+    return index
+
+
+def to_bytes(index: faiss.Index) -> bytes:
+    """The index as bytes: for small indexes (tests); large ones go through :func:`write_index`."""
+    return faiss.serialize_index(_on_cpu(index)).tobytes()
 
 
 def from_bytes(data: bytes) -> faiss.Index:
@@ -101,6 +115,89 @@ def maybe_gpu(index: faiss.Index) -> faiss.Index:
     return index
 
 
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local file with the contents of ``uri``: the file itself when local, else a download to a temporary
+    file (``$RAYKD_TMP`` or the system's), removed afterwards. Large files are read through this, never as bytes."""
+    if not storage.is_s3(uri):
+        yield storage.filesystem(uri)[1]
+        return
+    fs, path = storage.filesystem(uri)
+    fd, tmp = tempfile.mkstemp(prefix="raykd-", suffix="-" + os.path.basename(path), dir=os.environ.get("RAYKD_TMP"))
+    os.close(fd)
+    try:
+        fs.get_file(path, tmp)
+        yield tmp
+    finally:
+        os.remove(tmp)
+
+
+@contextmanager
+def local_output(uri: str) -> Iterator[str]:
+    """A local path to write ``uri``'s contents to; when the block ends the file appears at ``uri`` whole (a
+    rename next to it, or a streamed multipart upload from the local file), or not at all if the block raises."""
+    if storage.is_s3(uri):
+        fd, tmp = tempfile.mkstemp(prefix="raykd-", dir=os.environ.get("RAYKD_TMP"))
+    else:
+        path = storage.filesystem(uri)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other written one
+        if storage.is_s3(uri):
+            with open(tmp, "rb") as src, storage.open_write_atomic(uri) as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_index(index: faiss.Index, uri: str) -> int:
+    """``faiss.write_index`` to local disk, then moved or uploaded from the file (no copy in memory); the
+    file's size in bytes. Same bytes as ``serialize_index``, so either reads it."""
+    with local_output(uri) as tmp:
+        faiss.write_index(_on_cpu(index), tmp)
+        size = os.path.getsize(tmp)
+    return size
+
+
+def read_index(uri: str) -> faiss.Index:
+    """``faiss.read_index`` from a local file (an S3 object is downloaded first): one copy in memory."""
+    with local_copy(uri) as path:
+        return faiss.read_index(path)
+
+
+class NpyWriter:
+    """Streams float32 rows into a ``.npy`` file of a known row count: header first, then batches in order,
+    so a writer holds one batch, never the whole array. ``path`` is local."""
+
+    def __init__(self, path: str, rows: int, dim: int):
+        self.rows, self.dim, self.written = rows, dim, 0
+        self._f = open(path, "wb")
+        np.lib.format.write_array_header_1_0(
+            self._f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (rows, dim)})
+
+    def write(self, batch: np.ndarray) -> None:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 2 or batch.shape[1] != self.dim or self.written + len(batch) > self.rows:
+            raise ValueError(f"batch of shape {batch.shape} does not fit ({self.rows}, {self.dim}) "
+                             f"after {self.written} rows")
+        self._f.write(batch.tobytes())
+        self.written += len(batch)
+
+    def close(self) -> None:
+        self._f.close()
+        if self.written != self.rows:
+            raise RuntimeError(f"wrote {self.written} of {self.rows} rows")
+
+
 def save_npy(array: np.ndarray, uri: str) -> None:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
@@ -111,6 +208,12 @@ def load_npy(uri: str) -> np.ndarray:
     if not storage.is_s3(uri):
         return np.load(storage.filesystem(uri)[1], mmap_mode="r", allow_pickle=False)
     return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+
+
+def add_rows(index: faiss.Index, vectors: np.ndarray, block: int = 65536) -> None:
+    """Add (memory-mapped) vectors block by block: one block is copied at a time, never the whole array."""
+    for a in range(0, len(vectors), block):
+        index.add(np.ascontiguousarray(vectors[a : a + block], dtype=np.float32))
 
 
 def write_json(uri: str, obj: dict) -> None:
@@ -177,7 +280,7 @@ class DenseIndex:
 
     def _load_shard(self, shard: Shard) -> faiss.Index:
         uri = self.shard_uri(shard, "index.faiss")
-        index = from_bytes(storage.read_bytes(uri))
+        index = read_index(uri)
         if index.d != self.dim:
             raise FormatError(uri, None, f"vector dimension {index.d}, but the index manifest says {self.dim}: "
                                          f"shards of one index must come from one encoder")
@@ -218,22 +321,36 @@ class DenseIndex:
         if use == "merged" and not self.has_merged():
             raise UserError(f"{self.uri} has no merged index; build it with `raykd index ... --merge`")
         if use == "merged" or (use == "auto" and self.has_merged()):
-            index = self._cached("merged", lambda: maybe_gpu(
-                from_bytes(storage.read_bytes(storage.join(self.uri, "merged", "index.faiss")))))
-            set_search_params(index, nprobe, ef_search)
-            scores, rows = index.search(queries, k)
-            return scores, rows
+            index = self._cached("merged", lambda: maybe_gpu(read_index(self.merged_uri())))
+            return search_part(index, queries, k, 0, self.ntotal, nprobe, ef_search)
         nq = len(queries)
         scores = np.full((nq, 0), -np.inf, dtype=np.float32)
         rows = np.full((nq, 0), -1, dtype=np.int64)
         for shard in self.shards:
             index = self._cached(f"search:{shard.name}", lambda s=shard: maybe_gpu(self._load_shard(s)))
-            set_search_params(index, nprobe, ef_search)
-            d, i = index.search(queries, min(k, max(shard.rows, 1)))
-            i = np.where(i < 0, -1, i + shard.first_row)
+            d, i = search_part(index, queries, k, shard.first_row, shard.rows, nprobe, ef_search)
             scores, rows = topk_merge(scores, rows, d, i, k)
             del index
         return scores, rows
+
+    def merged_uri(self) -> str:
+        return storage.join(self.uri, "merged", "index.faiss")
+
+
+def search_part(index: faiss.Index, queries: np.ndarray, k: int, first_row: int, rows: int,
+                nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one index (a shard, or the merged index) with its labels turned into global rows (-1: none).
+    Results of parts of a shard set are merged exactly by :func:`topk_merge`."""
+    set_search_params(index, nprobe, ef_search)
+    d, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, max(rows, 1)))
+    return d, np.where(i < 0, -1, i + first_row)
+
+
+def index_bytes(rows: int, dim: int, factory: str) -> int:
+    """An upper bound of the memory one index of ``rows`` vectors takes (Flat: the vectors; HNSW: + its graph;
+    IVF/PQ: at most the vectors), plus 256 MiB of working room: what a build or search task asks Ray for."""
+    per_row = dim * 4 + (8 * 64 if "HNSW" in factory else 8)
+    return int(rows * per_row + (256 << 20))
 
 
 # ------------------------------------------------------------------------------------------- merging
@@ -245,26 +362,30 @@ def merge(index_uri: str) -> dict:
 
 
 def merge_shards(index_uri: str, shards: list[dict], dim: int, factory: str) -> dict:
+    """One index over all shards (global row = label), written with ``faiss.write_index`` to local disk and
+    uploaded from the file. Holds the merged index (all codes) in memory: run it where that fits (the index
+    stage runs it as a Ray task asking for :func:`index_bytes` of memory)."""
     t0 = time.time()
     trained_uri = storage.join(index_uri, "trained.faiss")
     # start from a deserialised index so its C++ type equals the shards' (merge_from compares types)
-    merged = from_bytes(storage.read_bytes(trained_uri) if storage.exists(trained_uri) else to_bytes(new_index(dim, factory)))
+    merged = read_index(trained_uri) if storage.exists(trained_uri) else from_bytes(to_bytes(new_index(dim, factory)))
     is_ivf = _is_ivf(merged)
     can_merge = is_ivf or isinstance(merged, faiss.IndexFlatCodes)
     ids = []
     for s in shards:
         shard_dir = storage.join(index_uri, "shards", s["name"])
         if can_merge:
-            part = from_bytes(storage.read_bytes(storage.join(shard_dir, "index.faiss")))
+            part = read_index(storage.join(shard_dir, "index.faiss"))
             if part.d != dim:
                 raise FormatError(storage.join(shard_dir, "index.faiss"), None,
                                   f"vector dimension {part.d}, expected {dim}")
             merged.merge_from(part, merged.ntotal if is_ivf else 0)
         else:  # HNSW and other graph indexes cannot merge: re-add the vectors (the requested in-memory merge)
-            merged.add(np.ascontiguousarray(load_npy(storage.join(shard_dir, "vectors.npy")), dtype=np.float32))
+            with local_copy(storage.join(shard_dir, "vectors.npy")) as path:
+                add_rows(merged, np.load(path, mmap_mode="r", allow_pickle=False))
         ids.append(storage.read_parquet(storage.join(shard_dir, "ids.parquet")))
     out = storage.join(index_uri, "merged")
-    storage.write_bytes_atomic(storage.join(out, "index.faiss"), to_bytes(merged))
+    write_index(merged, storage.join(out, "index.faiss"))
     storage.write_parquet_atomic(pa.concat_tables(ids), storage.join(out, "ids.parquet"))
     info = {"ntotal": int(merged.ntotal), "dim": dim, "factory": factory,
             "method": "merge_from" if can_merge else "re-add vectors", "seconds": round(time.time() - t0, 3)}

@@ -3,13 +3,17 @@
 - :func:`run_file`: a run given as a TREC file or as a search output URI (format ``raykd.run``, its ``run.trec``);
 - :func:`store_qrels`: a text store split's qrels as ``{query_id: {doc_id: relevance}}``;
 - :func:`run_table`: a run (file or search output) as an Arrow table, for runs too large for dicts (mining).
+- :func:`corpus_ids` / :func:`pids_of`: doc_id -> pid by Arrow joins (``index_in``), never a Python dict over
+  the corpus (MS MARCO: 8.8M passages).
 
 Here rather than in a stage so that no stage imports another stage (tests/test_architecture.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raykd import storage
 from raykd.errors import UserError
@@ -81,3 +85,15 @@ def _run_table_csv(path: str) -> pa.Table:
     if pc.any(pc.is_nan(score)).as_py():
         raise ValueError("NaN score")
     return pa.table({"query_id": t["query_id"], "doc_id": t["doc_id"], "score": score})
+def corpus_ids(store: TextStore) -> pa.Table:
+    """``pid`` and ``doc_id`` of every passage, as Arrow columns (no per-passage Python objects)."""
+    return store.corpus(columns=["pid", "doc_id"])
+
+
+def pids_of(ids: pa.Table, doc_ids) -> np.ndarray:
+    """The pid of each of ``doc_ids`` (an Arrow array or a list) by an Arrow hash lookup in ``ids``
+    (:func:`corpus_ids`); -1 where a document is not in the corpus."""
+    doc_ids = doc_ids if isinstance(doc_ids, (pa.Array, pa.ChunkedArray)) else pa.array(doc_ids, pa.string())
+    pos = pc.index_in(doc_ids, value_set=ids["doc_id"].combine_chunks())
+    pids = ids["pid"].combine_chunks().take(pos)
+    return pc.fill_null(pids, -1).to_numpy(zero_copy_only=False).astype(np.int64)

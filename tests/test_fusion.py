@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from raykd import fusion
 from raykd.fusion import hybrid, tune_alpha
 
 
@@ -39,3 +41,30 @@ def test_tune_alpha_finds_the_mix_that_beats_both_runs():
     assert best == 0.05 and values[0.05] == 1.0
     with pytest.raises(ValueError, match="empty alpha grid"):
         tune_alpha(dense, sparse, qrels, grid=[])
+
+
+def _eq7_reference(dense, sparse, alpha, k):
+    """The pure-Python Eq. 7 raykd used before fusion was vectorised: the vectorised one must equal it."""
+    out = {}
+    for q in list(dense) + [q for q in sparse if q not in dense]:
+        d, s = dense.get(q, {}), sparse.get(q, {})
+        d_min = min(d.values()) if d else 0.0
+        s_min = min(s.values()) if s else 0.0
+        fused = {p: alpha * s.get(p, s_min) + d.get(p, d_min) for p in set(d) | set(s)}
+        if k is not None and len(fused) > k:
+            fused = dict(sorted(fused.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k])
+        out[q] = fused
+    return out
+
+
+def test_vectorised_fusion_equals_the_reference_with_ties_and_missing_queries():
+    rng = np.random.default_rng(7)
+    docs = [f"d{i}" for i in range(60)]
+
+    def run(queries, n):  # scores rounded to 1 decimal: many ties, at the cut too
+        return {q: {d: float(round(rng.normal(), 1)) for d in rng.choice(docs, n, replace=False)} for q in queries}
+
+    dense, sparse = run(["q1", "q2", "q3"], 30), run(["q2", "q3", "q4"], 25)
+    for alpha in (0.0, 0.3, 1.0, 7.5):
+        for k in (None, 10, 40):
+            assert fusion.hybrid(dense, sparse, alpha, k) == _eq7_reference(dense, sparse, alpha, k), (alpha, k)

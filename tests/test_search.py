@@ -124,3 +124,57 @@ def test_empty_query_and_missing_mode_are_errors(mini_store, tmp_path):
         search(SearchConfig(data=mini_store, split="test", out=str(tmp_path / "o")))
     with pytest.raises(UserError, match="choose one of"):
         search(SearchConfig(data=mini_store, bm25=True, hybrid=True, split="test", out=str(tmp_path / "o")))
+
+
+def test_bm25_index_is_saved_once_and_loaded_memory_mapped(bm25_test, mini_store, tmp_path):
+    from raykd.bm25 import BM25Index
+    from raykd.formats.store import passage_text
+
+    idx = storage.join(bm25_test, "bm25-index")
+    assert storage.has_manifest(idx)
+    assert storage.read_manifest(bm25_test)["stats"]["bm25_build"]["passages"] == 1000
+    # an index built in memory over the same corpus gives the run the saved, memory-mapped one gave
+    store = TextStore(mini_store)
+    corpus = store.corpus()
+    memory = BM25Index().index(passage_text(corpus["title"], corpus["text"]).to_pylist(), corpus["doc_id"].to_pylist())
+    queries = store.queries("test")
+    ids, scores = memory.search(queries["text"].to_pylist(), 100)
+    want = {q: {d: float(s) for d, s in zip(ids[i], scores[i]) if s > 0}
+            for i, q in enumerate(queries["query_id"].to_pylist())}
+    got = trec.read_run(storage.join(bm25_test, "run.trec"))
+    assert got.keys() == want.keys()
+    for q in got:
+        assert got[q] == pytest.approx(want[q], rel=1e-5)
+    # a later search names the index: loaded, not rebuilt; its queries retrieved over 3 parallel tasks
+    out = str(tmp_path / "again")
+    m = search(SearchConfig(data=mini_store, bm25=True, split="test", k=100, bm25_index=idx, bm25_workers=3,
+                            out=out))
+    assert "bm25_build" not in m.stats
+    assert trec.read_run(storage.join(out, "run.trec")) == got
+
+
+def test_hybrid_tuned_on_a_sample_equals_full_tuning(mini_store, tmp_path):
+    runs = {}
+    for split in ("train", "test"):
+        for name, stemmer in (("plain", "none"), ("bm25", "porter")):
+            runs[split, name] = str(tmp_path / f"{split}-{name}")
+            search(SearchConfig(data=mini_store, bm25=True, stemmer=stemmer, split=split, k=100,
+                                bm25_index=str(tmp_path / f"bm25-index-{name}"), out=runs[split, name]))
+    common = dict(data=mini_store, hybrid=True, dense=runs["test", "plain"], sparse=runs["test", "bm25"],
+                  tune_split="train", tune_dense=runs["train", "plain"], tune_sparse=runs["train", "bm25"],
+                  split="test", k=100)
+    full = search(SearchConfig(out=str(tmp_path / "full"), tune_queries=0, **common))
+    big = search(SearchConfig(out=str(tmp_path / "big"), **common))  # default 1,000 >= the 200 judged queries
+    half = search(SearchConfig(out=str(tmp_path / "half"), tune_queries=100, tune_seed=1, **common))
+    assert full.stats["alpha_tuning"]["queries"] == 200 and half.stats["alpha_tuning"]["queries"] == 100
+    assert big.stats["alpha_tuning"]["curve"] == full.stats["alpha_tuning"]["curve"]
+    # the parallel sweep equals the library's tuning in one process (fusion.tune_alpha, every judged query)
+    store = TextStore(mini_store)
+    alpha, curve = fusion.tune_alpha(trec.read_run(storage.join(runs["train", "plain"], "run.trec")),
+                                     trec.read_run(storage.join(runs["train", "bm25"], "run.trec")),
+                                     store_qrels(store, "train"), k=100)
+    assert full.stats["alpha"] == alpha
+    assert full.stats["alpha_tuning"]["curve"] == [list(av) for av in curve]
+    # a sample of 100 of the 200 tunes on those only (here it picks another alpha: 7.94 vs 1.995)
+    assert half.stats["alpha"] in fusion.DEFAULT_ALPHA_GRID
+    assert half.stats["alpha_tuning"]["curve"] != full.stats["alpha_tuning"]["curve"]

@@ -23,14 +23,16 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raykd import finished, metrics, storage
 from raykd.config import field
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.log import get_logger
-from raykd.runs import run_file, store_qrels
+from raykd.runs import corpus_ids, run_file, store_qrels
 
 log = get_logger("evaluate")
 FORMAT = "raykd.evaluation"
@@ -85,11 +87,18 @@ def load_qrels(cfg: EvaluateConfig) -> tuple[dict, object | None]:
     raise UserError("evaluate needs --qrels FILE or --data STORE --split NAME")
 
 
-def _check_docs(path: str, store) -> None:
-    known = store.pid_of_doc_id()
+def _check_docs(path: str, store, corpus_doc_ids: pa.Array) -> None:
+    """Every run document is in the corpus: an Arrow membership test (no per-passage Python objects)."""
+    lines, docnos = [], []
     for r in trec.iter_run(path):
-        if r.docno not in known:
-            raise FormatError(path, r.line, f"document {r.docno} is not in the corpus of {store.uri}")
+        lines.append(r.line)
+        docnos.append(r.docno)
+    if not docnos:
+        return
+    known = pc.is_in(pa.array(docnos, pa.string()), value_set=corpus_doc_ids).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~known)
+    if len(bad):
+        raise FormatError(path, lines[bad[0]], f"document {docnos[bad[0]]} is not in the corpus of {store.uri}")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -108,11 +117,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             log.info("%s already holds this evaluation; nothing to do", cfg.out)
             return json.loads(storage.read_bytes(storage.join(cfg.out, "metrics.json")))
     qrels, store = load_qrels(cfg)
+    corpus_doc_ids = corpus_ids(store)["doc_id"].combine_chunks() if store is not None else None
     results: dict = {}
     for i, uri in enumerate(cfg.run):
         path = run_file(uri)
         if store is not None:
-            _check_docs(path, store)
+            _check_docs(path, store, corpus_doc_ids)
         ev = metrics.evaluate(trec.read_run(path), qrels, list(cfg.metrics), complete=cfg.complete)
         if ev.queries_without_qrels:
             log.warning("%s: %d run queries have no qrels and are left out (e.g. %s)", path,

@@ -1,24 +1,32 @@
-"""index: text store passages -> a Ray Data actor pool of encoders -> N shards of vectors + ids -> one Faiss
-index per shard (and optionally one merged index). Writes the :mod:`raykd.dense_index` format.
+"""index: text store passages -> encoder actors that write their own vector shards -> one Faiss index per shard,
+built in parallel Ray tasks (and optionally one merged index). Writes the :mod:`raykd.dense_index` format.
 
-Phases, each resumable (a shard's commit files are written last and a re-run skips committed work):
+The driver only plans and commits: it holds no vectors (``stats.driver_bytes`` counts what reached it: the
+actors' and tasks' small summaries). Phases, each resumable (a shard's commit files are written last and a
+re-run skips committed work):
 
-1. encode. The corpus rows are cut into N contiguous row ranges (shards) and into read chunks of at most
-   ``chunk_rows`` rows. A Ray Data pipeline reads the chunks (tasks), encodes them in an actor pool (one model
-   per actor, length-sorted micro-batches) and streams the vectors back in order; the driver fills one shard
-   at a time and commits it (``vectors.npy``, ``ids.parquet``, ``encoded.json``). The driver never holds more
-   than one shard of vectors.
-2. train (IVF/PQ factories only): the empty index is trained once on a sample drawn from every shard (one shard
-   read at a time) and saved as ``trained.faiss``; every shard starts from it, so all share one quantizer.
-3. build: each shard's vectors are added to its own index (``index.faiss``, ``shard.json``).
-4. merge (``merge=True``): :func:`raykd.dense_index.merge`.
+1. encode. The corpus rows are cut into N contiguous row ranges (shards). A pool of ``actors`` Ray actors
+   (:class:`ShardEncoder`, one model each) takes shards one at a time: it reads the Parquet row groups of its
+   shard once, in ``chunk_rows`` batches, encodes ``actor_batch_rows`` at a time (length-sorted
+   micro-batches), streams the vectors into a local ``.npy`` and moves or uploads it, then writes
+   ``ids.parquet`` and ``encoded.json``. An actor holds one batch of vectors, never a shard.
+2. train (IVF/PQ factories only): a Ray task trains the empty index on a ``train_sample`` drawn from every
+   shard (memory-mapped one at a time) and saves ``trained.faiss``; every shard starts from it, so all share
+   one quantizer.
+3. build: one Ray task per shard, in parallel, each asking Ray for the memory of its index
+   (:func:`raykd.dense_index.index_bytes`), adds the memory-mapped vectors and writes ``index.faiss`` with
+   ``faiss.write_index`` from local disk, then ``shard.json``.
+4. merge (``merge=True``): :func:`raykd.dense_index.merge_shards` in a Ray task asking for the merged index's
+   memory. For Flat the shard set is the default way to search (no merge needed: same ranking).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +71,9 @@ class IndexConfig:
     torch_threads: int = field(0, help="Torch threads per actor (0: this node's cores / actors).", fingerprint=False)
     batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).", fingerprint=False)
     actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).", fingerprint=False)
-    chunk_rows: int = field(1024, help="Corpus rows per read task (also the unit of progress and streaming).", fingerprint=False)
+    chunk_rows: int = field(1024, help="Corpus rows per Parquet read inside an encoder actor.", fingerprint=False)
+    build_cpus: float = field(1.0, help="Ray CPUs per index build/train/merge task (memory is asked for per "
+                                        "task from the shard's size).", fingerprint=False)
     device: str | None = field(None, help="Torch device for the encoders (unset: cuda if available, else cpu).", fingerprint=False)
     overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
                             fingerprint=False)
@@ -79,61 +89,6 @@ class IndexConfig:
             passage_prefix=self.passage_prefix,
             precision=self.precision,
         )
-
-
-# ---------------------------------------------------------------------------------------- Ray Data pieces
-def _read_chunk(batch: dict) -> pa.Table:
-    """Read one chunk (part URI, row range) of the corpus: shard, row (global), pid, doc_id, passage text."""
-    tables = []
-    for part, lo, hi, shard, first in zip(batch["part"], batch["lo"], batch["hi"], batch["shard"], batch["first"]):
-        fs, path = storage.filesystem(str(part))
-        with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=["pid", "doc_id", "title", "text"]).slice(int(lo), int(hi) - int(lo))
-        n = t.num_rows
-        tables.append(
-            pa.table(
-                {
-                    "shard": pa.array(np.full(n, int(shard), dtype=np.int64)),
-                    "row": pa.array(np.arange(int(first), int(first) + n, dtype=np.int64)),
-                    "pid": t["pid"],
-                    "doc_id": t["doc_id"],
-                    "passage": passage_text(t["title"], t["text"]),
-                }
-            )
-        )
-    return pa.concat_tables(tables)
-
-
-class _PassageEncoder:
-    """Ray Data actor: loads the encoder once, returns a ``vector`` column (rows, dim)."""
-
-    def __init__(self, spec: dict, batch_size: int, threads: int, device: str | None):
-        import torch
-
-        from raykd.encoders import DenseEncoder
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.encoder = DenseEncoder(EncoderSpec(**spec), device=device)
-        self.batch_size = batch_size
-
-    def __call__(self, batch: dict) -> dict:
-        e = self.encoder
-        before = (e.forward_passes, e.tokens, e.padded_tokens)
-        vectors = e.encode_passages(list(batch["passage"]), batch_size=self.batch_size)
-        # this call's work, carried on its first row (the driver sums the column): forward passes, tokens,
-        # padded tokens, and the rows encoded in bf16
-        work = np.zeros((len(vectors), 4), dtype=np.int64)
-        work[0] = (e.forward_passes - before[0], e.tokens - before[1], e.padded_tokens - before[2],
-                   len(vectors) if e.bf16 else 0)
-        return {
-            "shard": batch["shard"],
-            "row": batch["row"],
-            "pid": batch["pid"],
-            "doc_id": batch["doc_id"],
-            "vector": vectors,
-            "work": work,
-        }
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -156,98 +111,134 @@ def plan_shards(total: int, shards: int) -> list[dict]:
     return [{"name": dx.shard_name(s), "first_row": bounds[s], "rows": bounds[s + 1] - bounds[s]} for s in range(shards)]
 
 
-def plan_chunks(parts: list[tuple[str, int]], shards: list[dict], todo: set[int], chunk_rows: int) -> list[dict]:
-    """Read chunks (within one part and one shard, at most ``chunk_rows``) covering the shards in ``todo``."""
-    chunks, start = [], 0
+def plan_pieces(parts: list[tuple[str, int]], shard: dict) -> list[dict]:
+    """The (part, row range inside the part) pieces that make up one shard, in row order."""
+    pieces, start = [], 0
+    lo_s, hi_s = shard["first_row"], shard["first_row"] + shard["rows"]
     for part, n in parts:
-        for s in sorted(todo):
-            lo = max(start, shards[s]["first_row"])
-            hi = min(start + n, shards[s]["first_row"] + shards[s]["rows"])
-            for a in range(lo, hi, chunk_rows):
-                b = min(a + chunk_rows, hi)
-                chunks.append({"part": part, "lo": a - start, "hi": b - start, "shard": s, "first": a})
+        lo, hi = max(start, lo_s), min(start + n, hi_s)
+        if lo < hi:
+            pieces.append({"part": part, "lo": lo - start, "hi": hi - start})
         start += n
-    chunks.sort(key=lambda c: c["first"])
-    return chunks
+    return pieces
 
 
-# ---------------------------------------------------------------------------------------- phases
+# ---------------------------------------------------------------------------------------- encode (actors)
+def read_piece(piece: dict, batch_rows: int) -> Iterator[pa.Table]:
+    """pid, doc_id and passage text of one piece, in batches of at most ``batch_rows``: only the Parquet row
+    groups that overlap the piece are read, each once."""
+    fs, path = storage.filesystem(piece["part"])
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups, start, first = [], 0, None
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if start < piece["hi"] and start + n > piece["lo"]:
+                groups.append(g)
+                first = start if first is None else first
+            start += n
+        pos = first or 0
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups,
+                                     columns=["pid", "doc_id", "title", "text"]):
+            lo, hi = max(piece["lo"] - pos, 0), min(piece["hi"] - pos, batch.num_rows)
+            pos += batch.num_rows
+            if lo < hi:
+                t = pa.Table.from_batches([batch.slice(lo, hi - lo)])
+                yield pa.table({"pid": t["pid"], "doc_id": t["doc_id"],
+                                "passage": passage_text(t["title"], t["text"])})
+
+
+class ShardEncoder:
+    """A Ray actor holding one encoder: encodes whole shards and writes them itself (``vectors.npy`` streamed
+    to local disk batch by batch, then moved or uploaded; ``ids.parquet``; ``encoded.json`` last). It returns
+    only a small summary, so no vector passes through the driver."""
+
+    def __init__(self, spec: dict, batch_size: int, threads: int, device: str | None):
+        import torch
+
+        from raykd.encoders import DenseEncoder
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.encoder = DenseEncoder(EncoderSpec(**spec), device=device)
+        self.batch_size = batch_size
+
+    def encode_shard(self, out: str, shard: dict, pieces: list[dict], read_rows: int, encode_rows: int) -> dict:
+        e = self.encoder
+        before = (e.forward_passes, e.tokens, e.padded_tokens)
+        t0 = time.time()
+        d = storage.join(out, "shards", shard["name"])
+        writer, pids, docs, bf16_rows = None, [], [], 0
+        with dx.local_output(storage.join(d, "vectors.npy")) as tmp:
+            try:
+                for piece in pieces:
+                    for t in read_piece(piece, read_rows):
+                        for a in range(0, t.num_rows, encode_rows):
+                            part = t.slice(a, encode_rows)
+                            vectors = e.encode_passages(part["passage"].to_pylist(), batch_size=self.batch_size)
+                            if writer is None:
+                                writer = dx.NpyWriter(tmp, shard["rows"], vectors.shape[1])
+                            writer.write(vectors)
+                            bf16_rows += len(vectors) if e.bf16 else 0
+                        pids.append(t["pid"])
+                        docs.append(t["doc_id"])
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None or writer.written != shard["rows"]:
+                raise RuntimeError(f"shard {shard['name']}: got {writer.written if writer else 0} vectors "
+                                   f"for {shard['rows']} rows")
+        storage.write_parquet_atomic(
+            pa.table({"pid": pa.concat_arrays([c for a in pids for c in a.chunks]).cast(pa.int64()),
+                      "doc_id": pa.concat_arrays([c for a in docs for c in a.chunks]).cast(pa.string())}),
+            storage.join(d, "ids.parquet"),
+        )
+        dx.write_json(storage.join(d, "encoded.json"),
+                      {"rows": shard["rows"], "first_row": shard["first_row"], "dim": int(writer.dim)})
+        return {"name": shard["name"], "rows": shard["rows"], "seconds": time.time() - t0,
+                "forward_passes": e.forward_passes - before[0], "tokens": e.tokens - before[1],
+                "padded_tokens": e.padded_tokens - before[2], "bf16_rows": bf16_rows}
+
+
 def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[dict], todo: set[int],
             stats: dict) -> None:
     import ray
-    import ray.data
+    from ray.util import ActorPool
 
     parts = _part_rows(store)
-    chunks = plan_chunks(parts, shards, todo, cfg.chunk_rows)
     total = sum(shards[s]["rows"] for s in todo)
-    log.info("encoding %s passages into %d shard(s) with %d actor(s)", f"{total:,}", len(todo), cfg.actors)
-    ctx = ray.data.DataContext.get_current()
-    old_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # shards fill in row order, so the driver holds one at a time
-    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(cfg.actors, 1))
+    n_actors = max(1, min(cfg.actors, len(todo)))
+    log.info("encoding %s passages into %d shard(s) with %d actor(s)", f"{total:,}", len(todo), n_actors)
+    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // n_actors)
     init_ray()
+    actor = ray.remote(ShardEncoder).options(num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None)
+    kwargs = {"spec": spec.to_dict(), "batch_size": cfg.batch_size, "threads": threads, "device": cfg.device}
+    actors = [actor.remote(**kwargs) for _ in range(n_actors)]
+    pool = ActorPool(actors)
+    progress = Progress(log, "passages encoded", total)
+    work = {"forward_passes": 0, "tokens": 0, "padded_tokens": 0, "bf16_rows": 0}
+    driver_bytes = 0
     try:
-        ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
-        ds = ds.map_batches(_read_chunk, batch_size=1, batch_format="numpy", num_cpus=0.25)
-        ds = ds.map_batches(
-            _PassageEncoder,
-            batch_size=cfg.actor_batch_rows,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.actors)),
-            num_cpus=cfg.actor_cpus,
-            num_gpus=cfg.actor_gpus or None,
-            fn_constructor_kwargs={
-                "spec": spec.to_dict(), "batch_size": cfg.batch_size, "threads": threads, "device": cfg.device,
-            },
-        )
-        progress = Progress(log, "passages encoded", total)
-        current, buf, ids_pid, ids_doc, filled = None, None, None, None, 0
-        work = np.zeros(4, dtype=np.int64)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            work += batch["work"].sum(axis=0)
-            for s in np.unique(batch["shard"]):
-                sel = batch["shard"] == s
-                s = int(s)
-                if s != current:
-                    if current is not None:
-                        _commit_vectors(cfg.out, shards[current], buf, ids_pid, ids_doc, filled)
-                    sh = shards[s]
-                    current, filled = s, 0
-                    buf = None
-                    ids_pid = np.empty(sh["rows"], dtype=np.int64)
-                    ids_doc = np.empty(sh["rows"], dtype=object)
-                vec = batch["vector"][sel]
-                if buf is None:
-                    buf = np.empty((shards[s]["rows"], vec.shape[1]), dtype=np.float32)
-                local = batch["row"][sel] - shards[s]["first_row"]
-                buf[local] = vec
-                ids_pid[local] = batch["pid"][sel]
-                ids_doc[local] = batch["doc_id"][sel]
-                filled += int(sel.sum())
-                progress.update(int(sel.sum()))
-        if current is not None:
-            _commit_vectors(cfg.out, shards[current], buf, ids_pid, ids_doc, filled)
-        stats["encode_seconds"] = round(progress.close(), 3)
-        stats["passages_per_second"] = round(total / max(stats["encode_seconds"], 1e-9), 2)
-        stats["forward_passes"], stats["tokens"], stats["padded_tokens"] = (int(x) for x in work[:3])
-        stats["encode_dtype"] = {0: "float32", total: "bfloat16"}.get(int(work[3]), "mixed")
-        stats["padding_fraction"] = round(1 - int(work[1]) / max(int(work[2]), 1), 4)
+        jobs = [(shards[s], plan_pieces(parts, shards[s])) for s in sorted(todo)]
+        for result in pool.map_unordered(
+            lambda a, job: a.encode_shard.remote(cfg.out, job[0], job[1], cfg.chunk_rows, cfg.actor_batch_rows),
+            jobs,
+        ):
+            driver_bytes += len(pickle.dumps(result))  # what reached the driver: summaries only
+            for key in work:
+                work[key] += int(result[key])
+            progress.update(int(result["rows"]))
+            log.info("shard %s: %s vectors committed", result["name"], f"{result['rows']:,}")
     finally:
-        ctx.execution_options.preserve_order = old_order
-
-
-def _commit_vectors(out: str, shard: dict, buf, pids, docs, filled: int) -> None:
-    if filled != shard["rows"]:
-        raise RuntimeError(f"shard {shard['name']}: got {filled} vectors for {shard['rows']} rows")
-    d = storage.join(out, "shards", shard["name"])
-    dx.save_npy(buf, storage.join(d, "vectors.npy"))
-    storage.write_parquet_atomic(
-        pa.table({"pid": pa.array(pids, pa.int64()), "doc_id": pa.array(list(docs), pa.string())}),
-        storage.join(d, "ids.parquet"),
-    )
-    dx.write_json(storage.join(d, "encoded.json"),
-                  {"rows": shard["rows"], "first_row": shard["first_row"], "dim": int(buf.shape[1])})
-    log.info("shard %s: %s vectors committed", shard["name"], f"{shard['rows']:,}")
+        for a in actors:
+            ray.kill(a)
+    stats["encode_seconds"] = round(progress.close(), 3)
+    stats["passages_per_second"] = round(total / max(stats["encode_seconds"], 1e-9), 2)
+    stats["forward_passes"], stats["tokens"], stats["padded_tokens"] = (
+        work["forward_passes"], work["tokens"], work["padded_tokens"])
+    stats["encode_dtype"] = {0: "float32", total: "bfloat16"}.get(work["bf16_rows"], "mixed")
+    stats["padding_fraction"] = round(1 - work["tokens"] / max(work["padded_tokens"], 1), 4)
+    stats["driver_bytes"] = driver_bytes
 
 
 def _check_dims(out: str, shards: list[dict]) -> int:
@@ -263,45 +254,79 @@ def _check_dims(out: str, shards: list[dict]) -> int:
     return next(iter(dims.values()))
 
 
-def _train(cfg: IndexConfig, shards: list[dict], dim: int, stats: dict) -> None:
-    uri = storage.join(cfg.out, "trained.faiss")
-    empty = dx.new_index(dim, cfg.factory)
-    if empty.is_trained or storage.exists(uri):
-        return
+# ---------------------------------------------------------------------------------------- train, build, merge (tasks)
+def train_quantizer(out: str, shards: list[dict], dim: int, factory: str, sample: int) -> dict:
+    """Train the empty index on ``sample`` vectors drawn from every shard (one shard mapped at a time) and write
+    ``trained.faiss``; runs as a Ray task holding the sample and the index."""
     total = sum(s["rows"] for s in shards)
     rng = np.random.default_rng(0)
-    sample = []
-    for sh in shards:  # one shard in memory at a time; each gives its share of the sample
-        want = min(sh["rows"], max(1, round(cfg.train_sample * sh["rows"] / total)))
-        v = dx.load_npy(storage.join(cfg.out, "shards", sh["name"], "vectors.npy"))
-        sample.append(np.asarray(v[np.sort(rng.choice(sh["rows"], want, replace=False))], dtype=np.float32))
-        del v
-    x = np.ascontiguousarray(np.concatenate(sample))
+    picked = []
+    for sh in shards:  # each shard gives its share of the sample
+        want = min(sh["rows"], max(1, round(sample * sh["rows"] / total)))
+        with dx.local_copy(storage.join(out, "shards", sh["name"], "vectors.npy")) as path:
+            v = np.load(path, mmap_mode="r", allow_pickle=False)
+            picked.append(np.asarray(v[np.sort(rng.choice(sh["rows"], want, replace=False))], dtype=np.float32))
+            del v
+    x = np.ascontiguousarray(np.concatenate(picked))
     t0 = time.time()
-    log.info("training %s on %s sampled vectors", cfg.factory, f"{len(x):,}")
+    empty = dx.new_index(dim, factory)
     try:
         empty.train(x)
     except RuntimeError as e:
-        raise UserError(f"training {cfg.factory!r} on {len(x)} vectors failed: {str(e).splitlines()[-1]}") from None
-    storage.write_bytes_atomic(uri, dx.to_bytes(empty))
-    stats["train_seconds"] = round(time.time() - t0, 3)
-    stats["train_vectors"] = int(len(x))
+        raise UserError(f"training {factory!r} on {len(x)} vectors failed: {str(e).splitlines()[-1]}") from None
+    dx.write_index(empty, storage.join(out, "trained.faiss"))
+    return {"train_seconds": round(time.time() - t0, 3), "train_vectors": int(len(x))}
+
+
+def build_shard(out: str, shard: dict, dim: int, factory: str) -> dict:
+    """Add one shard's (memory-mapped) vectors to its index, starting from ``trained.faiss`` when there is one;
+    write ``index.faiss`` from local disk, then ``shard.json``. Runs as a Ray task."""
+    t0 = time.time()
+    d = storage.join(out, "shards", shard["name"])
+    trained_uri = storage.join(out, "trained.faiss")
+    index = dx.read_index(trained_uri) if storage.exists(trained_uri) else dx.new_index(dim, factory)
+    with dx.local_copy(storage.join(d, "vectors.npy")) as path:
+        dx.add_rows(index, np.load(path, mmap_mode="r", allow_pickle=False))
+    size = dx.write_index(index, storage.join(d, "index.faiss"))
+    dx.write_json(storage.join(d, "shard.json"), {**shard, "dim": dim, "factory": factory,
+                                                   "ntotal": int(index.ntotal), "bytes": size})
+    return {"name": shard["name"], "ntotal": int(index.ntotal), "seconds": time.time() - t0}
+
+
+def _remote(fn, memory: int, cpus: float):
+    import ray
+
+    return ray.remote(fn).options(num_cpus=cpus, memory=memory, max_retries=0)
+
+
+def _train(cfg: IndexConfig, shards: list[dict], dim: int, stats: dict) -> None:
+    import ray
+
+    if dx.new_index(dim, cfg.factory).is_trained or storage.exists(storage.join(cfg.out, "trained.faiss")):
+        return
+    n = min(cfg.train_sample, sum(s["rows"] for s in shards))
+    log.info("training %s on %s sampled vectors (a Ray task)", cfg.factory, f"{n:,}")
+    memory = 3 * n * dim * 4 + (512 << 20)  # the sample, its copy and the trainer's working set
+    stats.update(ray.get(_remote(train_quantizer, memory, cfg.build_cpus).remote(
+        cfg.out, shards, dim, cfg.factory, cfg.train_sample)))
 
 
 def _build(cfg: IndexConfig, shards: list[dict], dim: int) -> None:
-    trained_uri = storage.join(cfg.out, "trained.faiss")
-    for sh in shards:
-        d = storage.join(cfg.out, "shards", sh["name"])
-        if storage.exists(storage.join(d, "shard.json")):
-            continue
-        index = (dx.from_bytes(storage.read_bytes(trained_uri)) if storage.exists(trained_uri)
-                 else dx.new_index(dim, cfg.factory))
-        v = np.ascontiguousarray(dx.load_npy(storage.join(d, "vectors.npy")), dtype=np.float32)
-        index.add(v)
-        storage.write_bytes_atomic(storage.join(d, "index.faiss"), dx.to_bytes(index))
-        dx.write_json(storage.join(d, "shard.json"), {**sh, "dim": dim, "factory": cfg.factory,
-                                                       "ntotal": int(index.ntotal)})
-        log.info("shard %s: %s index of %s vectors built", sh["name"], cfg.factory, f"{index.ntotal:,}")
+    import ray
+
+    todo = [sh for sh in shards if not storage.exists(storage.join(cfg.out, "shards", sh["name"], "shard.json"))]
+    refs = [_remote(build_shard, dx.index_bytes(sh["rows"], dim, cfg.factory), cfg.build_cpus).remote(
+        cfg.out, sh, dim, cfg.factory) for sh in todo]
+    for r in ray.get(refs):
+        log.info("shard %s: %s index of %s vectors built", r["name"], cfg.factory, f"{r['ntotal']:,}")
+
+
+def _merge(cfg: IndexConfig, shards: list[dict], dim: int) -> dict:
+    import ray
+
+    memory = dx.index_bytes(sum(s["rows"] for s in shards), dim, cfg.factory)
+    log.info("merging %d shard(s) in a Ray task asking for %.1f GiB", len(shards), memory / 2**30)
+    return ray.get(_remote(dx.merge_shards, memory, cfg.build_cpus).remote(cfg.out, shards, dim, cfg.factory))
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -336,10 +361,11 @@ def index(cfg: IndexConfig) -> storage.Manifest:
         log.info("all %d shard(s) already encoded; nothing to encode", len(shards))
     dim = _check_dims(cfg.out, shards)
     t_build = time.time()
+    init_ray()
     _train(cfg, shards, dim, stats)
     _build(cfg, shards, dim)
     stats["build_seconds"] = round(time.time() - t_build, 3)
-    merged = dx.merge_shards(cfg.out, shards, dim, cfg.factory) if cfg.merge else None
+    merged = _merge(cfg, shards, dim) if cfg.merge else None
     if merged:
         stats["merge"] = merged
     config = dataclasses.asdict(cfg)

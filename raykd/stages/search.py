@@ -29,11 +29,14 @@ not in the split, or a document that is not in the corpus, is an error naming th
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from raykd import finished, storage
 from raykd.config import field
@@ -41,7 +44,7 @@ from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.formats.store import TextStore
 from raykd.log import Progress, get_logger
-from raykd.runs import FORMAT, VERSION, run_file, store_qrels
+from raykd.runs import FORMAT, VERSION, corpus_ids, pids_of, run_file, store_qrels
 
 log = get_logger("search")
 
@@ -57,12 +60,27 @@ class SearchConfig:
     index: str | None = field(None, help="Dense index URI (made by `raykd index`).")
     use: str = field("auto", help="Dense: one merged index, or shard by shard with the top-k merged.",
                      choices=["auto", "merged", "shards"])
+    replicas: int = field(1, help="Dense: Ray actors per index part (a shard, or the merged index), each searching a "
+                                  "slice of the queries; 0: search in this process, one shard at a time.",
+                          fingerprint=False)
+    search_cpus: float = field(1.0, help="Dense: Ray CPUs per searcher actor.", fingerprint=False)
+    search_gpus: float = field(0.0, help="Dense: GPUs per searcher actor (faiss-gpu is used when Faiss sees one).",
+                               fingerprint=False)
+    query_block: int = field(4096, help="Dense: queries per searcher call (bounds what a call returns).",
+                             fingerprint=False)
     nprobe: int | None = field(None, help="IVF: lists probed per query.")
     ef_search: int | None = field(None, help="HNSW: efSearch.")
     bm25: bool = field(False, help="BM25 retrieval over the store's corpus.", flag="--bm25")
     k1: float = field(0.9, help="BM25 k1 (Anserini's value).")
     b: float = field(0.4, help="BM25 b (Anserini's value).")
     stemmer: str = field("porter", help="BM25 stemmer.", choices=["porter", "english", "none"])
+    bm25_index: str | None = field(None, help="BM25 index URI: built there once (a Ray task, bm25s save) if it "
+                                              "is not there yet, then loaded memory-mapped; unset: <out>/bm25-index.",
+                                   fingerprint=False)
+    bm25_workers: int = field(4, help="BM25: query shards retrieved in parallel (one Ray task each).",
+                              fingerprint=False)
+    bm25_memory_gb: float = field(0.0, help="BM25: memory the index build task asks Ray for (0: estimated from "
+                                            "the corpus text, see docs/retrieval.md).", fingerprint=False)
     rerank: str | None = field(None, help="Candidate run to re-rank (TREC file or search output URI).")
     scorer: str | None = field(None, help="Re-rank: a saved raykd scorer or HF cross-encoder folder.")
     hybrid: bool = field(False, help="TCT Eq. 7 fusion of --dense and --sparse.", flag="--hybrid")
@@ -72,6 +90,9 @@ class SearchConfig:
     tune_split: str = field("train", help="Hybrid: query split whose qrels tune alpha.")
     tune_dense: str | None = field(None, help="Hybrid: dense run of --tune-split (else made from --index).")
     tune_sparse: str | None = field(None, help="Hybrid: BM25 run of --tune-split (else made here).")
+    tune_queries: int = field(1000, help="Hybrid: judged --tune-split queries alpha is tuned on (a seeded sample; "
+                                         "0: all).")
+    tune_seed: int = field(0, help="Hybrid: seed of the tuning sample.")
     tune_measure: str = field("nDCG@10", help="Hybrid: measure alpha maximises.")
     alpha_grid: list[float] = field([], help="Hybrid: alphas to try (unset: 0 and 41 values from 0.001 to 10).")
     batch_size: int = field(64, help="Queries per encoder pass / pairs per re-rank pass.", fingerprint=False)
@@ -86,44 +107,134 @@ class SearchConfig:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def split_queries(store: TextStore, split: str) -> pa.Table:
-    """The split's queries; an empty query text is an error naming the row and query id."""
+def split_queries(store: TextStore, split: str, only: set[str] | None = None) -> pa.Table:
+    """The split's queries (those in ``only`` when given); an empty query text is an error naming the row."""
     t = store.queries(split)
     uri = storage.join(store.uri, "queries", f"{split}.parquet")
-    for row, (qid, text) in enumerate(zip(t["query_id"].to_pylist(), t["text"].to_pylist())):
-        if text is None or not str(text).strip():
-            raise FormatError(uri, None, f"row {row}: query {qid} has an empty text; a query needs words to retrieve "
-                                         f"with (drop it when preparing the store)")
+    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(t["text"])), 0), True).to_numpy(
+        zero_copy_only=False)
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise FormatError(uri, None, f"row {row}: query {t['query_id'][row].as_py()} has an empty text; a query "
+                                     f"needs words to retrieve with (drop it when preparing the store)")
+    if only is not None:
+        t = t.filter(pc.is_in(t["query_id"], value_set=pa.array(sorted(only), pa.string())))
     return t
 
 
-def read_store_run(uri: str, store: TextStore, split: str, k: int | None = None) -> trec.Run:
-    """A run whose every query is in ``split`` and every document in the corpus; top ``k`` per query kept."""
+def read_store_run(uri: str, store: TextStore, split: str, k: int | None = None,
+                   only: set[str] | None = None) -> trec.Run:
+    """A run whose every query is in ``split`` and every document in the corpus; top ``k`` per query kept;
+    only the queries in ``only`` when given. Documents are checked by an Arrow lookup, not a corpus dict."""
     path = run_file(uri)
     queries = set(store.queries(split)["query_id"].to_pylist())
-    docs = store.pid_of_doc_id()
     run: trec.Run = {}
+    lines, docnos = [], []
     for r in trec.iter_run(path):
         if r.qid not in queries:
             raise FormatError(path, r.line, f"query {r.qid} is not in split {split!r} of {store.uri}")
-        if r.docno not in docs:
-            raise FormatError(path, r.line, f"document {r.docno} is not in the corpus of {store.uri}")
+        if only is not None and r.qid not in only:
+            continue
         d = run.setdefault(r.qid, {})
         if r.docno in d:
             raise FormatError(path, r.line, f"document {r.docno} appears twice for query {r.qid}")
         d[r.docno] = r.score
+        lines.append(r.line)
+        docnos.append(r.docno)
+    if docnos:
+        known = pc.is_in(pa.array(docnos, pa.string()), value_set=corpus_ids(store)["doc_id"].combine_chunks())
+        bad = np.flatnonzero(~known.to_numpy(zero_copy_only=False))
+        if len(bad):
+            raise FormatError(path, lines[bad[0]], f"document {docnos[bad[0]]} is not in the corpus of {store.uri}")
     if k is not None:
         run = {q: dict(trec.trec_order(d)[:k]) for q, d in run.items()}
     return run
 
 
-# ------------------------------------------------------------------------------------------- modes
-def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -> trec.Run:
+def _run_of(query_ids: list[str], doc_ids: pa.Array, rows: np.ndarray, scores: np.ndarray,
+            keep: np.ndarray) -> trec.Run:
+    """A run from (nq, k) result rows, their scores and which to keep; ``doc_ids[row]`` names a row."""
+    flat = rows[keep]
+    docs = doc_ids.take(pa.array(flat.astype(np.int64))).to_pylist()
+    vals = scores[keep].astype(float).tolist()
+    counts = keep.sum(axis=1)
+    run: trec.Run = {}
+    pos = 0
+    for qid, n in zip(query_ids, counts.tolist()):
+        run[qid] = dict(zip(docs[pos : pos + n], vals[pos : pos + n]))
+        pos += n
+    return run
+
+
+# ------------------------------------------------------------------------------------------- dense
+class IndexPartSearcher:
+    """A Ray actor holding one part of a dense index (a shard, or the merged index), on the GPUs when Faiss
+    sees any; returns each query's top-k with global rows."""
+
+    def __init__(self, index_uri: str, part: str):
+        from raykd.dense_index import DenseIndex, maybe_gpu, read_index
+
+        di = DenseIndex(index_uri)
+        if part == "merged":
+            self.first_row, self.rows = 0, di.ntotal
+            self.index = maybe_gpu(read_index(di.merged_uri()))
+        else:
+            shard = next(s for s in di.shards if s.name == part)
+            self.first_row, self.rows = shard.first_row, shard.rows
+            self.index = maybe_gpu(di.load_shard(shard))
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None, ef_search: int | None):
+        from raykd.dense_index import search_part
+
+        return search_part(self.index, queries, k, self.first_row, self.rows, nprobe, ef_search)
+
+
+def search_parts(cfg: SearchConfig, di, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The shard set (or the merged index) searched by ``cfg.replicas`` Ray actors per part, each asking Ray
+    for its part's memory; the parts' top-k lists are merged exactly (:func:`raykd.dense_index.topk_merge`)."""
+    import ray
+
+    from raykd.dense_index import index_bytes, topk_merge
+    from raykd.runtime import init_ray
+
+    use = "merged" if cfg.use == "merged" or (cfg.use == "auto" and di.has_merged()) else "shards"
+    if use == "merged" and not di.has_merged():
+        raise UserError(f"{di.uri} has no merged index; build it with `raykd index ... --merge`")
+    parts = [("merged", di.ntotal)] if use == "merged" else [(s.name, s.rows) for s in di.shards]
+    init_ray()
+    actor = ray.remote(IndexPartSearcher)
+    actors = {name: [actor.options(num_cpus=cfg.search_cpus, num_gpus=cfg.search_gpus or None,
+                                   memory=index_bytes(rows, di.dim, di.factory)).remote(di.uri, name)
+                     for _ in range(cfg.replicas)] for name, rows in parts}
+    try:
+        futures = []
+        for b, a in enumerate(range(0, len(queries), cfg.query_block)):
+            ref = ray.put(np.ascontiguousarray(queries[a : a + cfg.query_block], dtype=np.float32))
+            futures.append([actors[name][b % cfg.replicas].search.remote(ref, cfg.k, cfg.nprobe, cfg.ef_search)
+                            for name, _ in parts])
+        out_s, out_r = [], []
+        for block in futures:
+            scores, rows = None, None
+            for d, i in ray.get(block):
+                scores, rows = (d, i) if scores is None else topk_merge(scores, rows, d, i, cfg.k)
+            out_s.append(scores)
+            out_r.append(rows)
+    finally:
+        for group in actors.values():
+            for a in group:
+                ray.kill(a)
+    if not out_s:
+        return np.zeros((0, cfg.k), np.float32), np.zeros((0, cfg.k), np.int64)
+    return np.concatenate(out_s), np.concatenate(out_r)
+
+
+def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict,
+              only: set[str] | None = None) -> trec.Run:
     from raykd.dense_index import DenseIndex
     from raykd.encoders import DenseEncoder, EncoderSpec
 
     di = DenseIndex(cfg.index, cache=cfg.latency_queries > 0)  # timing single queries: load shards once
-    queries = split_queries(store, split)
+    queries = split_queries(store, split, only)
     texts = queries["text"].to_pylist()
     spec = EncoderSpec(**di.encoder)
     if cfg.precision:
@@ -132,7 +243,10 @@ def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) ->
     t0 = time.perf_counter()
     q = encoder.encode_queries(texts, batch_size=cfg.batch_size)
     t1 = time.perf_counter()
-    scores, rows = di.search(q, cfg.k, use=cfg.use, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    if cfg.replicas > 0:
+        scores, rows = search_parts(cfg, di, q)
+    else:
+        scores, rows = di.search(q, cfg.k, use=cfg.use, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     t2 = time.perf_counter()
     n = max(len(texts), 1)
     latency["query_encoding"] = 1000 * (t1 - t0) / n
@@ -147,34 +261,126 @@ def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) ->
             di.search(v, cfg.k, use=cfg.use, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
             te, ts = te + b - a, ts + time.perf_counter() - b
         latency["single"] = {"queries": m, "query_encoding": 1000 * te / m, "search": 1000 * ts / m}
-    doc_ids = np.asarray(di.ids()["doc_id"].to_pylist(), dtype=object)
-    run: trec.Run = {}
-    for i, qid in enumerate(queries["query_id"].to_pylist()):
-        ok = rows[i] >= 0
-        run[qid] = dict(zip(doc_ids[rows[i][ok]].tolist(), scores[i][ok].astype(float).tolist()))
-    return run
+    return _run_of(queries["query_id"].to_pylist(), di.ids()["doc_id"].combine_chunks(), rows, scores, rows >= 0)
 
 
-def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -> trec.Run:
+# ------------------------------------------------------------------------------------------- BM25
+def _bm25_params(cfg: SearchConfig):
+    from raykd.bm25 import BM25Params
+
+    return BM25Params(k1=cfg.k1, b=cfg.b, stemmer=cfg.stemmer)
+
+
+def bm25_build_memory(store: TextStore) -> int:
+    """Bytes the BM25 build task asks for: ``BM25_BYTES_PER_TEXT_BYTE`` x the corpus text (Parquet's
+    uncompressed size of title + text), measured in docs/retrieval.md, plus 1 GiB."""
+    text = 0
+    for part in store.corpus_parts():
+        fs, path = storage.filesystem(part)
+        with fs.open(path, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            text += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                        if rg.column(c).path_in_schema in ("title", "text"))
+    return int(BM25_BYTES_PER_TEXT_BYTE * text + (1 << 30))
+
+
+BM25_BYTES_PER_TEXT_BYTE = 9.0  # measured 8.55 at 884K synthetic MS MARCO passages (docs/scale.md)
+
+
+def build_bm25(data: str, uri: str, params: dict, read_rows: int = 65536) -> dict:
+    """Build the BM25 index of the store's corpus, read batch by batch, save it (bm25s ``save``) to local
+    disk and move or upload it to ``uri``; a Ray task. Returns its timings and peak memory."""
+    import resource
+    import shutil
+    import tempfile
+
+    from raykd import dense_index as dx
     from raykd.bm25 import BM25Index, BM25Params
-
-    corpus = store.corpus(columns=["doc_id", "title", "text"])
     from raykd.formats.store import passage_text
 
-    t0 = time.perf_counter()
-    index = BM25Index(BM25Params(k1=cfg.k1, b=cfg.b, stemmer=cfg.stemmer)).index(
-        passage_text(corpus["title"], corpus["text"]).to_pylist(), corpus["doc_id"].to_pylist()
-    )
-    log.info("BM25 index of %s passages built in %.1f s", f"{corpus.num_rows:,}", time.perf_counter() - t0)
-    queries = split_queries(store, split)
+    t0 = time.time()
+    store = TextStore(data)
+    batches = ((passage_text(b.column("title"), b.column("text")).to_pylist(), b.column("doc_id"))
+               for b in storage.iter_parquet_batches(store.corpus_uri, columns=["doc_id", "title", "text"],
+                                                     batch_size=read_rows))
+    index = BM25Index(BM25Params(**params)).index_batches(batches)
+    t1 = time.time()
+    tmp = tempfile.mkdtemp(prefix="raykd-bm25-", dir=os.environ.get("RAYKD_TMP"))
+    try:
+        index.save(tmp)
+        size = 0
+        for name in sorted(os.listdir(tmp)):
+            with dx.local_output(storage.join(uri, name)) as out, open(os.path.join(tmp, name), "rb") as src, \
+                    open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+            size += os.path.getsize(os.path.join(tmp, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"passages": len(index.ids), "build_seconds": round(t1 - t0, 3), "save_seconds": round(time.time() - t1, 3),
+            "bytes": size, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def retrieve_bm25(uri: str, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One query shard against the saved index, loaded memory-mapped (an S3 index is downloaded once per
+    node); a Ray task. ``(rows, scores, peak RSS bytes)``."""
+    import resource
+
+    from raykd.bm25 import BM25Index
+
+    index = BM25Index.load(storage.local_dir(uri), mmap=True)
+    rows, scores = index.search_rows(texts, k)
+    return rows, scores, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def ensure_bm25_index(cfg: SearchConfig, store: TextStore, stats: dict) -> str:
+    """The BM25 index URI, built by a Ray task (memory asked for) unless a finished one with these settings
+    is there; a finished index is reused by every later search."""
+    import ray
+
+    from raykd.runtime import init_ray
+
+    uri = cfg.bm25_index or storage.join(cfg.out, "bm25-index")
+    params = dataclasses.asdict(_bm25_params(cfg))
+    claim = finished.claim(uri, "bm25_index", {**params, "data": cfg.data,
+                                               "data.created_at": finished.input_identity(cfg.data)})
+    if claim.finished:
+        return uri
+    memory = int(cfg.bm25_memory_gb * 2**30) or bm25_build_memory(store)
+    log.info("building the BM25 index of %s in a Ray task asking for %.1f GiB", store.uri, memory / 2**30)
+    init_ray()
+    info = ray.get(ray.remote(build_bm25).options(num_cpus=1, memory=memory, max_retries=0).remote(
+        cfg.data, uri, params))
+    storage.write_manifest(uri, "bm25_index", format="raykd.bm25", config=params, inputs={"data": cfg.data},
+                           counts={"passages": info["passages"]}, stats={**info, "memory_requested": memory},
+                           fingerprint=claim.fingerprint)
+    stats["bm25_build"] = info
+    log.info("BM25 index of %s passages built in %.1f s (peak RSS %.2f GiB)", f"{info['passages']:,}",
+             info["build_seconds"], info["peak_rss_bytes"] / 2**30)
+    return uri
+
+
+def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, stats: dict | None = None,
+             only: set[str] | None = None) -> trec.Run:
+    import ray
+
+    stats = {} if stats is None else stats
+    queries = split_queries(store, split, only)
+    uri = ensure_bm25_index(cfg, store, stats)
+    texts = queries["text"].to_pylist()
+    n_shards = max(1, min(cfg.bm25_workers, len(texts)))
+    bounds = [len(texts) * i // n_shards for i in range(n_shards + 1)]
     t1 = time.perf_counter()
-    ids, scores = index.search(queries["text"].to_pylist(), cfg.k)
+    task = ray.remote(retrieve_bm25).options(num_cpus=1, max_retries=0)
+    parts = ray.get([task.remote(uri, texts[bounds[i]:bounds[i + 1]], cfg.k) for i in range(n_shards)])
     latency["search"] = 1000 * (time.perf_counter() - t1) / max(queries.num_rows, 1)
-    run: trec.Run = {}
-    for i, qid in enumerate(queries["query_id"].to_pylist()):
-        keep = scores[i] > 0  # bm25s pads queries with fewer matches with score-0 documents
-        run[qid] = dict(zip(ids[i][keep].tolist(), scores[i][keep].astype(float).tolist()))
-    return run
+    stats["bm25_retrieve_peak_rss_bytes"] = max(p[2] for p in parts)
+    rows = np.concatenate([p[0] for p in parts]) if texts else np.zeros((0, 0), np.int64)
+    scores = np.concatenate([p[1] for p in parts]) if texts else np.zeros((0, 0), np.float32)
+    ids = storage.read_parquet(storage.join(uri, "ids.parquet"))["doc_id"].combine_chunks()
+    # bm25s pads queries with fewer matches with score-0 documents
+    return _run_of(queries["query_id"].to_pylist(), ids, rows, scores, scores > 0)
 
 
 def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -> trec.Run:
@@ -214,6 +420,34 @@ def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -
     return run
 
 
+def tuning_sample(qrels: dict, n: int, seed: int) -> set[str]:
+    """``n`` judged queries drawn without replacement (seeded) from ``qrels``; all of them when ``n`` is 0 or
+    at least their number."""
+    judged = sorted(qrels)
+    if n <= 0 or n >= len(judged):
+        return set(judged)
+    rng = np.random.default_rng(seed)
+    return {judged[i] for i in rng.choice(len(judged), n, replace=False)}
+
+
+def sweep_alphas(cfg: SearchConfig, tune_dense: trec.Run, tune_sparse: trec.Run, qrels: dict,
+                 grid: list[float]) -> list[tuple[float, float]]:
+    """The tuning curve, alphas split over parallel Ray tasks (each fuses vectorised, :mod:`raykd.fusion`)."""
+    import ray
+
+    from raykd import fusion
+    from raykd.runtime import init_ray
+
+    init_ray()
+    d, s = ray.put(fusion.run_table(tune_dense)), ray.put(fusion.run_table(tune_sparse))
+    q = ray.put(qrels)
+    chunks = [grid[i :: max(1, cfg.bm25_workers)] for i in range(min(len(grid), max(1, cfg.bm25_workers)))]
+    task = ray.remote(fusion.sweep).options(num_cpus=1, max_retries=0)
+    curve = [av for part in ray.get([task.remote(d, s, q, c, cfg.tune_measure, cfg.k) for c in chunks])
+             for av in part]
+    return sorted(curve)
+
+
 def hybrid_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, stats: dict) -> trec.Run:
     from raykd import fusion
 
@@ -224,20 +458,25 @@ def hybrid_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, s
     alpha = cfg.alpha
     if alpha is None:
         qrels = store_qrels(store, cfg.tune_split)
+        sample = tuning_sample(qrels, cfg.tune_queries, cfg.tune_seed)
+        qrels = {q: qrels[q] for q in sample}
         if cfg.tune_dense and cfg.tune_sparse:
-            td = read_store_run(cfg.tune_dense, store, cfg.tune_split)
-            ts = read_store_run(cfg.tune_sparse, store, cfg.tune_split)
+            td = read_store_run(cfg.tune_dense, store, cfg.tune_split, only=sample)
+            ts = read_store_run(cfg.tune_sparse, store, cfg.tune_split, only=sample)
         elif cfg.index:
-            td = dense_run(cfg, store, cfg.tune_split, {})
-            ts = bm25_run(cfg, store, cfg.tune_split, {})
+            td = dense_run(cfg, store, cfg.tune_split, {}, only=sample)
+            ts = bm25_run(cfg, store, cfg.tune_split, {}, stats, only=sample)
         else:
             raise UserError("hybrid without --alpha tunes it: give --tune-dense and --tune-sparse runs of "
                             "--tune-split, or --index to compute them")
-        grid = cfg.alpha_grid or fusion.DEFAULT_ALPHA_GRID
-        alpha, curve = fusion.tune_alpha(td, ts, qrels, grid, cfg.tune_measure, cfg.k)
+        grid = sorted(float(x) for x in (cfg.alpha_grid or fusion.DEFAULT_ALPHA_GRID))
+        curve = sweep_alphas(cfg, td, ts, qrels, grid)
+        alpha = fusion.best_alpha(curve)
         stats["alpha_tuning"] = {"split": cfg.tune_split, "measure": cfg.tune_measure, "best": alpha,
+                                 "queries": len(sample), "seed": cfg.tune_seed,
                                  "curve": [[a, v] for a, v in curve]}
-        log.info("alpha tuned on %s: %g (%s %.4f)", cfg.tune_split, alpha, cfg.tune_measure, dict(curve)[alpha])
+        log.info("alpha tuned on %d %s queries: %g (%s %.4f)", len(sample), cfg.tune_split, alpha,
+                 cfg.tune_measure, dict(curve)[alpha])
     stats["alpha"] = alpha
     # a hybrid query costs what its two inputs cost (when they are search outputs) plus the fusion
     for uri in (cfg.dense, cfg.sparse):
@@ -270,6 +509,9 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     if cfg.k < 1:
         raise UserError(f"--k must be >= 1, got {cfg.k}")
     mode = mode_of(cfg)
+    # Ray tasks get these as strings and do not share the driver's working directory
+    cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data), out=storage.absolute(cfg.out),
+                              index=storage.absolute(cfg.index), bm25_index=storage.absolute(cfg.bm25_index))
     if mode == "rerank" and not cfg.scorer:
         raise UserError("--rerank needs --scorer PATH")
     config = dataclasses.asdict(cfg)
@@ -290,7 +532,7 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     if mode == "dense":
         run = dense_run(cfg, store, cfg.split, latency)
     elif mode == "bm25":
-        run = bm25_run(cfg, store, cfg.split, latency)
+        run = bm25_run(cfg, store, cfg.split, latency, stats)
     elif mode == "rerank":
         run = rerank_run(cfg, store, cfg.split, latency)
     else:
@@ -321,22 +563,21 @@ def search(cfg: SearchConfig) -> storage.Manifest:
 def _write_run(cfg: SearchConfig, store: TextStore, run: trec.Run, mode: str) -> None:
     queries = store.queries(cfg.split)
     qid_of = dict(zip(queries["query_id"].to_pylist(), queries["qid"].to_pylist()))
-    pid_of = store.pid_of_doc_id()
-    cols: dict[str, list] = {"qid": [], "query_id": [], "pid": [], "doc_id": [], "rank": [], "score": []}
+    cols: dict[str, list] = {"qid": [], "query_id": [], "doc_id": [], "rank": [], "score": []}
     for q, docs in run.items():
         for rank, (d, s) in enumerate(trec.trec_order(docs)[: cfg.k], start=1):
             cols["qid"].append(qid_of[q])
             cols["query_id"].append(q)
-            cols["pid"].append(pid_of[d])
             cols["doc_id"].append(d)
             cols["rank"].append(rank)
             cols["score"].append(s)
+    doc_ids = pa.array(cols["doc_id"], pa.string())
     table = pa.table(
         {
             "qid": pa.array(cols["qid"], pa.int64()),
             "query_id": pa.array(cols["query_id"], pa.string()),
-            "pid": pa.array(cols["pid"], pa.int64()),
-            "doc_id": pa.array(cols["doc_id"], pa.string()),
+            "pid": pa.array(pids_of(corpus_ids(store), doc_ids), pa.int64()),
+            "doc_id": doc_ids,
             "rank": pa.array(cols["rank"], pa.int32()),
             "score": pa.array(cols["score"], pa.float32()),
         }
