@@ -684,8 +684,9 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     # one stream long enough for every step (plus a batch per worker: the equal split may drop a few rows)
     passes = math.ceil((total_steps * per_step + cfg.workers * cfg.batch_size) / n_triples)
     val = validation_set(cfg)
-    log.info("training %s on %s triples with %s: %d steps of %d triples, %d workers, %d validation queries",
-             cfg.student, f"{n_triples:,}", cfg.loss, total_steps, per_step, cfg.workers, len(val))
+    unit = f"groups of 1+{cfg.group_size}" if cfg.groups else "triples"
+    log.info("training %s on %s %s with %s: %d steps of %d, %d workers, %d validation queries",
+             cfg.student, f"{n_triples:,}", unit, cfg.loss, total_steps, per_step, cfg.workers, len(val))
 
     init_ray()
     parts = (group_parts, list(train_groups.COLUMNS)) if cfg.groups else _triple_parts(cfg, scores)
