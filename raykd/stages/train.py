@@ -104,6 +104,15 @@ class TrainConfig:
     student_options: dict = field({}, help="Architecture options, e.g. pooling=mean, split_layer=3, dim=128.")
     loss_options: dict = field({}, help="Options of the loss, e.g. TCT's tau=0.25, gamma=0.1, mode=inbatch.")
     teacher: str | None = field(None, help="A teacher run inside the loop (losses that need one, e.g. tct).")
+    groups: str | None = field(None, help="Train on n-way groups instead of triples: a triples set mined into the "
+                                          "store (`raykd mine --out NAME`) or a mine output URI. Listwise losses "
+                                          "(step kind group: listwise_kl, listnet, nway_margin_mse, infonce).")
+    group_size: int = field(8, help="With --groups: negatives per query (k of 1+k). A group with more is sampled "
+                                    "down to k (seeded, another draw each epoch); one with fewer is left out "
+                                    "(counted in the manifest).")
+    pair_scores: str | None = field(None, help="With --groups: teacher pair scores, Parquet (file or folder) of "
+                                               "qid int64, pid int64, score float32; every pair of the groups "
+                                               "must be scored. Needed by losses that learn from a teacher.")
     overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",
                             fingerprint=False)
 
@@ -126,7 +135,20 @@ def _check_config(cfg: TrainConfig):
     except ValueError as e:
         raise UserError(str(e)) from None
     train_step(spec).check(dataclasses.asdict(cfg))  # bad loss options fail here, before Ray starts
-    if spec.needs_scores and not cfg.scores:
+    if cfg.groups:
+        if spec.step != "group":
+            raise UserError(f"--groups trains listwise losses (step kind group); --loss {cfg.loss} is {spec.step}: "
+                            "use nway_margin_mse for Margin-MSE (k=1 is margin_mse), infonce for labels only")
+        if cfg.scores:
+            raise UserError("--groups takes teacher scores as --pair-scores (qid, pid, score), not --scores")
+        if cfg.group_size < 1:
+            raise UserError(f"train: group_size must be >= 1, got {cfg.group_size}")
+        if spec.needs_scores and not cfg.pair_scores:
+            raise UserError(f"loss {cfg.loss} learns from teacher scores: give --pair-scores (qid, pid, score "
+                            "Parquet) for the groups")
+    elif cfg.pair_scores:
+        raise UserError("--pair-scores goes with --groups (triples take a `raykd score` output as --scores)")
+    elif spec.needs_scores and not cfg.scores:
         raise UserError(f"loss {cfg.loss} learns from teacher scores: give --scores (a `raykd score` output)")
     for name in ("workers", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
@@ -173,6 +195,15 @@ class AttachTexts:
         except KeyError as e:
             raise UserError(f"training {e.args[0]}") from None
         batch["positive"] = self.passages.take(batch["pos_pid"]).to_numpy(zero_copy_only=False)
+        if "neg_pids" in batch:  # groups: (B, k) negatives -> B lists of k texts
+            negs = np.stack([np.asarray(x, dtype=np.int64) for x in batch["neg_pids"]]) if len(batch["neg_pids"]) \
+                else np.zeros((0, 0), dtype=np.int64)
+            texts = self.passages.take(negs.ravel()).to_numpy(zero_copy_only=False)
+            batch["negatives"] = texts.reshape(negs.shape)
+            batch["neg_pids"] = negs
+            if "teacher_scores" in batch:
+                batch["teacher_scores"] = np.stack([np.asarray(x, dtype=np.float32) for x in batch["teacher_scores"]])
+            return batch
         batch["negative"] = self.passages.take(batch["neg_pid"]).to_numpy(zero_copy_only=False)
         return batch
 
@@ -200,16 +231,26 @@ def epoch_order(parts: list[tuple[str, int]], seed: int, start_row: int, end_row
     return items
 
 
-def _read_part(batch: dict, columns: list[str]) -> pa.Table:
-    """Ray Data task: the Parquet parts named in the batch, each in its seeded row order (``epoch_order``)."""
+def _read_part(batch: dict, columns: list[str], group_size: int = 0, pair_scores: str | None = None) -> pa.Table:
+    """Ray Data task: the Parquet parts named in the batch, each in its seeded row order (``epoch_order``).
+    Groups (``group_size`` > 0): only the usable groups, k negatives sampled per row and the teacher's pair
+    scores joined (:mod:`raykd.stages.train_groups`)."""
+    from raykd.stages import train_groups
+
     tables = []
     for uri, part, epoch, skip, rows, seed in zip(batch["uri"], batch["part"], batch["epoch"], batch["skip"],
                                                  batch["rows"], batch["seed"]):
         fs, path = storage.filesystem(str(uri))
         with fs.open(path, "rb") as f:
             t = pq.read_table(f, columns=columns)
+        if group_size:
+            t = train_groups.usable_groups(t, group_size)
         order = np.random.default_rng([int(seed), int(epoch), int(part)]).permutation(t.num_rows)
-        tables.append(t.take(pa.array(order[int(skip): int(skip) + int(rows)])))
+        t = t.take(pa.array(order[int(skip): int(skip) + int(rows)]))
+        if group_size:
+            rng = np.random.default_rng([int(seed), int(epoch), int(part), 1])
+            t = train_groups.group_rows(t, group_size, rng, pair_scores)
+        tables.append(t)
     return pa.concat_tables(tables)
 
 
@@ -234,6 +275,17 @@ def _triple_parts(cfg: TrainConfig, scores) -> tuple[list[tuple[str, int]], list
     return parts, cols
 
 
+def _training_parts(cfg: TrainConfig, scores) -> tuple[list[tuple[str, int]], list[str]]:
+    """The parts the stream reads, with their (usable) row counts, and the columns to read: the mined groups
+    with ``--groups``, else the triples."""
+    if cfg.groups:
+        from raykd.stages import train_groups
+
+        parts, _ = train_groups.group_parts(train_groups.groups_uri(cfg.data, cfg.groups), cfg.group_size)
+        return parts, list(train_groups.COLUMNS)
+    return _triple_parts(cfg, scores)
+
+
 def shared_texts(cfg: TrainConfig):
     """The corpus and the training queries in the object store, once per run (:mod:`raykd.texts`)."""
     from raykd.formats.store import TextStore
@@ -250,14 +302,17 @@ def _dataset(cfg: TrainConfig, spec, scores, passes: int = 1, start_row: int = 0
     import ray.data
 
     if parts is None:
-        parts = _triple_parts(cfg, scores)
+        parts = _training_parts(cfg, scores)
     parts, cols = parts
     n = sum(r for _, r in parts)
     items = epoch_order(parts, cfg.seed, start_row, max(1, passes) * n)
     passages, queries = texts or shared_texts(cfg)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds.context.execution_options.preserve_order = True  # the order is a function of (seed, epoch): keep it
-    ds = ds.map_batches(_read_part, fn_kwargs={"columns": cols}, batch_size=1, batch_format="numpy", num_cpus=0.25)
+    read = {"columns": cols}
+    if cfg.groups:
+        read.update(group_size=cfg.group_size, pair_scores=cfg.pair_scores)
+    ds = ds.map_batches(_read_part, fn_kwargs=read, batch_size=1, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(
         AttachTexts,
         fn_constructor_args=(passages, queries),
@@ -308,7 +363,10 @@ class TripleCollate:
 
         queries = [str(x) for x in batch["query"]]
         positives = [str(x) for x in batch["positive"]]
-        negatives = [str(x) for x in batch["negative"]]
+        if "negatives" in batch:  # groups: k texts per query
+            negatives = [[str(x) for x in row] for row in batch["negatives"]]
+        else:
+            negatives = [str(x) for x in batch["negative"]]
         out = {
             "features": self.step.features(self.model, queries, positives, negatives),
             "queries": queries,
@@ -319,6 +377,9 @@ class TripleCollate:
         if "pos_score" in batch:
             out["teacher_pos"] = torch.tensor(np.array(batch["pos_score"], dtype=np.float32))
             out["teacher_neg"] = torch.tensor(np.array(batch["neg_score"], dtype=np.float32))
+        if "teacher_scores" in batch:
+            out["teacher_scores"] = torch.tensor(np.stack([np.asarray(x, dtype=np.float32)
+                                                           for x in batch["teacher_scores"]]))
         return out
 
 
@@ -559,6 +620,13 @@ class _null:
 # ------------------------------------------------------------------------------------------------ the stage
 
 
+def _is_set_name(groups: str | None) -> bool:
+    """A bare name of a triples set of the store (mine's rule), as opposed to a URI; None counts as a name."""
+    from raykd.formats.store import is_set_name
+
+    return not groups or (is_set_name(groups) and "/" not in groups)
+
+
 def train(cfg: TrainConfig) -> storage.Manifest:
     """Run (or resume, or return the finished) training described by ``cfg``."""
     import ray
@@ -571,26 +639,44 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     # the workers get these as strings and do not share the driver's working directory
     cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data), scores=storage.absolute(cfg.scores),
                               out=storage.absolute(cfg.out), init=storage.absolute_model(cfg.init),
-                              teacher=storage.absolute_model(cfg.teacher))
+                              teacher=storage.absolute_model(cfg.teacher), pair_scores=storage.absolute(cfg.pair_scores),
+                              groups=cfg.groups if _is_set_name(cfg.groups) else storage.absolute(cfg.groups))
 
     spec = _check_config(cfg)
+    groups_uri = None
+    if cfg.groups:
+        from raykd.stages import train_groups
+
+        groups_uri = train_groups.groups_uri(cfg.data, cfg.groups)
+    identity = {k: getattr(cfg, k) for k in ("data", "scores", "init", "teacher")}
+    if groups_uri:
+        identity["groups"] = groups_uri.rsplit("/", 1)[0]  # the mined set's manifest
     # the same fingerprint resumes from the latest checkpoint in ray_train/ (Ray Train restores it by run name)
     claim = finished.claim(cfg.out, "train", finished.fingerprint(cfg, **{
-        f"{k}.created_at": finished.input_identity(getattr(cfg, k)) for k in ("data", "scores", "init", "teacher")}),
-        cfg.overwrite)
+        f"{k}.created_at": finished.input_identity(v) for k, v in identity.items()}), cfg.overwrite)
     if claim.finished:
         log.info("%s is already a finished training output; nothing to do", cfg.out)
         return claim.manifest
     t0 = time.time()
     TextStore(cfg.data)  # fails early on an unfinished store
-    scores = TripleScores(cfg.scores) if spec.needs_scores or cfg.scores else None
-    if scores is not None:
+    scores = TripleScores(cfg.scores) if (spec.needs_scores or cfg.scores) and not cfg.groups else None
+    group_counts: dict = {}
+    if cfg.groups:
+        group_parts, group_counts = train_groups.group_parts(groups_uri, cfg.group_size)
+        n_triples = group_counts["usable_groups"]
+        log.info("%s groups with >= %d negatives of %s in %s (%s left out)", f"{n_triples:,}", cfg.group_size,
+                 f"{group_counts['groups']:,}", groups_uri, f"{group_counts['short_groups']:,}")
+        if cfg.pair_scores:
+            log.info("checking that %s scores every pair of the groups", cfg.pair_scores)
+            group_counts["scored_pairs"] = train_groups.check_pair_scores(group_parts, cfg.group_size,
+                                                                          cfg.pair_scores)
+    elif scores is not None:
         log.info("checking teacher scores in %s", cfg.scores)
         n_triples = check_scores(scores)
     else:
         n_triples = int(TextStore(cfg.data).manifest["counts"].get("triples", 0))
     if n_triples == 0:
-        raise UserError("train: no training triples")
+        raise UserError(f"train: no training {'groups with enough negatives' if cfg.groups else 'triples'}")
     per_step = cfg.batch_size * cfg.workers * cfg.grad_accum
     if n_triples < cfg.batch_size * cfg.workers:
         raise UserError(f"train: {n_triples} triples cannot fill one batch of {cfg.batch_size} on {cfg.workers} workers")
@@ -598,11 +684,12 @@ def train(cfg: TrainConfig) -> storage.Manifest:
     # one stream long enough for every step (plus a batch per worker: the equal split may drop a few rows)
     passes = math.ceil((total_steps * per_step + cfg.workers * cfg.batch_size) / n_triples)
     val = validation_set(cfg)
-    log.info("training %s on %s triples with %s: %d steps of %d triples, %d workers, %d validation queries",
-             cfg.student, f"{n_triples:,}", cfg.loss, total_steps, per_step, cfg.workers, len(val))
+    unit = f"groups of 1+{cfg.group_size}" if cfg.groups else "triples"
+    log.info("training %s on %s %s with %s: %d steps of %d, %d workers, %d validation queries",
+             cfg.student, f"{n_triples:,}", unit, cfg.loss, total_steps, per_step, cfg.workers, len(val))
 
     init_ray()
-    parts = _triple_parts(cfg, scores)
+    parts = (group_parts, list(train_groups.COLUMNS)) if cfg.groups else _triple_parts(cfg, scores)
     t_texts = time.time()
     texts = shared_texts(cfg)
     log.info("texts in the object store: %d passage block(s) in %.1f s", len(texts[0].refs), time.time() - t_texts)
@@ -658,8 +745,9 @@ def train(cfg: TrainConfig) -> storage.Manifest:
         format=FORMAT,
         format_version=VERSION,
         config=dataclasses.asdict(cfg),
-        inputs={"data": cfg.data, "scores": cfg.scores, "init": cfg.init, "teacher": cfg.teacher},
-        counts={"triples": n_triples, "steps": int(final.get("step", total_steps)),
+        inputs={"data": cfg.data, "scores": cfg.scores, "init": cfg.init, "teacher": cfg.teacher,
+                "groups": groups_uri, "pair_scores": cfg.pair_scores},
+        counts={**group_counts, "triples": n_triples, "steps": int(final.get("step", total_steps)),
                 "triples_seen": int(final.get("step", total_steps)) * per_step, "validation_queries": len(val)},
         stats={
             "student": cfg.student,
