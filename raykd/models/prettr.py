@@ -72,13 +72,7 @@ class PreTTR(EncoderFolder, RankingModel):
         return self.encoder.embeddings(input_ids)
 
     def _run(self, h: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        attn = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=h, attention_mask=mask)
-        for layer in layers:
-            h = layer(h, attn)
-            h = h[0] if isinstance(h, tuple) else h
-        return h
+        return run_layers(self.encoder.config, h, mask, layers)
 
     def encode_passage_lower(self, passage_input_ids: torch.Tensor, passage_attention_mask: torch.Tensor) -> torch.Tensor:
         """The passage through the first ``split_layer`` layers alone: what PreTTR precomputes and stores."""
@@ -94,3 +88,15 @@ class PreTTR(EncoderFolder, RankingModel):
             hq, q_mask = hq.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0)
         h = self._run(torch.cat([hq, hp], 1), torch.cat([q_mask, passage_attention_mask], 1), layers[self.split_layer :])
         return self.head(h[:, 0]).squeeze(-1)
+
+
+def run_layers(config, h: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+    """Hidden states ``h`` through a slice of an encoder's ``layers`` (PreTTR's split: the lower layers on the
+    passage alone, the upper ones on query + passage), with the encoder's own bidirectional attention mask."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    attn = create_bidirectional_mask(config=config, inputs_embeds=h, attention_mask=mask)
+    for layer in layers:
+        h = layer(h, attn)
+        h = h[0] if isinstance(h, tuple) else h
+    return h

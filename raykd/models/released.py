@@ -235,13 +235,9 @@ class ReleasedPreTTR(_ReleasedBase):
         return self.encoder.embeddings(input_ids, position_ids=pos)
 
     def _run(self, h: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
+        from raykd.models.prettr import run_layers
 
-        attn = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=h, attention_mask=mask)
-        for layer in layers:
-            h = layer(h, attn)
-            h = h[0] if isinstance(h, tuple) else h
-        return h
+        return run_layers(self.encoder.config, h, mask, layers)
 
     def forward(self, query_input_ids, query_attention_mask, passage_input_ids, passage_attention_mask) -> torch.Tensor:
         layers = self.encoder.transformer.layer

@@ -57,8 +57,8 @@ def train_step(spec: LossSpec) -> PairwiseStep | InBatchStep | GroupStep:
     return {"pairwise": PairwiseStep, "inbatch": InBatchStep, "group": GroupStep}[spec.step](spec)
 
 
-class PairwiseStep:
-    """Score the B triples in one forward pass, then ``spec.fn`` on the (B,) positive and negative scores."""
+class _LossStep:
+    """What every step shares: it runs ``spec`` with the loss options resolved once, before Ray starts."""
 
     def __init__(self, spec: LossSpec):
         self.spec = spec
@@ -69,6 +69,10 @@ class PairwiseStep:
 
     def setup(self, ctx: BatchContext) -> None:
         ctx.options = self.spec.resolve_options(ctx.options)
+
+
+class PairwiseStep(_LossStep):
+    """Score the B triples in one forward pass, then ``spec.fn`` on the (B,) positive and negative scores."""
 
     def features(self, model: torch.nn.Module, queries: list[str], positives: list[str], negatives: list[str]) -> dict:
         return tokenize_triples(model, queries, positives, negatives)
@@ -166,21 +170,12 @@ class InBatchStep:
         return loss, stats
 
 
-class GroupStep:
+class GroupStep(_LossStep):
     """Score each query's group of 1+k passages in one forward pass, then ``spec.fn`` on the (B, 1+k) scores.
 
     ``negatives`` are one text per query (a triple: k = 1) or a list of k texts per query (a mined group, the
     same k for every query of the batch). Teacher scores come as ``batch["teacher_scores"]`` (B, 1+k) or, from
     triples, ``teacher_pos`` / ``teacher_neg``."""
-
-    def __init__(self, spec: LossSpec):
-        self.spec = spec
-
-    def check(self, config: dict) -> dict:
-        return self.spec.resolve_options(config.get("loss_options"))
-
-    def setup(self, ctx: BatchContext) -> None:
-        ctx.options = self.spec.resolve_options(ctx.options)
 
     def features(self, model: torch.nn.Module, queries: list[str], positives: list[str],
                  negatives: list[str] | list[list[str]]) -> dict:
