@@ -400,7 +400,7 @@ def run_fraction(fraction: float, stages: list[Stage], args, sampler: Sampler) -
             "stage": stage.name,
             "unit": stage.unit,
             "work": int(work),
-            "wall_s": round(wall, 2),
+            "wall_s": round(wall, 4),
             "per_s": round(work / max(wall, 1e-9), 1),
             "driver_cpu_s": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
             "all_cpu_s": round(pk.cpu_s, 2),
