@@ -98,6 +98,33 @@ def test_each_unique_pair_scored_once_and_tokens_counted(baseline, sample_store,
         assert real <= m.stats["padded_tokens"][name] < 1.5 * real  # length-sorted buckets pad little
 
 
+def test_pair_scores_equal_the_triples_scores(baseline):
+    """``pair_scores/`` holds each unique (qid, pid) once, per teacher and ensemble, and every triple's pos and
+    neg scores are those of its pairs (issue 14: groups of any size train on them without scoring again)."""
+    from raykd.formats.pair_scores import read_pair_scores
+
+    cfg, m, s = baseline
+    pairs = storage.read_parquet(storage.join(cfg.out, "pair_scores"))
+    assert pairs.group_by(["qid", "pid"]).aggregate([]).num_rows == pairs.num_rows == m.counts["pair_scores"]
+    assert m.counts["pair_scores"] == m.stats["unique_pairs"]
+    t = s.table()
+    a, b = s.teachers
+    for side in ("pos", "neg"):
+        j = t.select(["qid", f"{side}_pid", f"{side}_score", f"{side}_score__{a}", f"{side}_score__{b}"]).join(
+            pairs.rename_columns([{"pid": f"{side}_pid"}.get(c, c) for c in pairs.column_names]),
+            keys=["qid", f"{side}_pid"], join_type="left outer")
+        assert j.num_rows == t.num_rows
+        for mine, theirs in ((f"{side}_score", "score"), (f"{side}_score__{a}", f"score__{a}"),
+                             (f"{side}_score__{b}", f"score__{b}")):
+            np.testing.assert_array_equal(j[mine].to_numpy(), j[theirs].to_numpy())
+    # the score output itself is a --pair-scores source; a teacher's column can be picked
+    whole = read_pair_scores(cfg.out)
+    assert whole.num_rows == pairs.num_rows
+    one = read_pair_scores(cfg.out, column=f"score__{b}").sort_by([("qid", "ascending"), ("pid", "ascending")])
+    np.testing.assert_allclose(one["score"].to_numpy(), pairs.sort_by(
+        [("qid", "ascending"), ("pid", "ascending")])[f"score__{b}"].to_numpy(), rtol=1e-6)
+
+
 def test_scores_equal_direct_model_scores(baseline, sample_store, teachers):
     """The join of texts and scores is right: a few triples re-scored directly with the teacher agree."""
     from raykd.models.cross_encoder import CrossEncoder
@@ -382,6 +409,8 @@ def test_lenient_quarantines_unknown_ids_and_nan_scores(ray_cluster, sample_stor
     assert m.counts["triples"] + m.counts["quarantined_total"] == unique_in  # nothing silently lost
     t = TripleScores(out).table()
     assert np.isfinite(t["pos_score"].to_numpy()).all() and np.isfinite(t["neg_score"].to_numpy()).all()
+    pairs = storage.read_parquet(storage.join(out, "pair_scores"))  # NaN pairs left out, the rest kept
+    assert np.isfinite(pairs["score"].to_numpy()).all() and 0 < pairs.num_rows < m.stats["unique_pairs"]
 
 
 def test_strict_nan_scores_fail_clearly(ray_cluster, sample_store, nan_teacher, tmp_path):

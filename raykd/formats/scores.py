@@ -9,6 +9,10 @@ Layout under the scores URI::
                                   margin                          float32 pos_score - neg_score
                                   pos_score__<teacher>, neg_score__<teacher>   float32 per teacher
                                 rows sorted by (qid, pos_pid, neg_pid) within a part; a qid lives in one part
+    pair_scores/part-NNNNN.parquet
+                                score stage only (unless --no-pair-scores): the unique (qid, pid) pairs of the
+                                part's triples, qid, pid int64, score (ensemble), score__<teacher> float32
+                                (:mod:`raykd.formats.pair_scores`); NaN-scored pairs left out
     quarantine/*.parquet        rows left out in lenient mode (qid, pos_pid, neg_pid, row, reason)
     analysis/teacher_scores.json, analysis/teacher_scores.png
                                 per-teacher score distribution summary and histogram (score stage only)

@@ -75,8 +75,9 @@ class MineConfig:
     skip: int = field(0, help="Leave out the run's first SKIP ranks (likely unjudged positives).")
     negatives: int = field(8, help="Negatives sampled per (query, positive) from the candidates left.")
     seed: int = field(42, help="Seed of the negative sampling.")
-    scores: str | None = field(None, help="Teacher pair scores for the false-negative filter: Parquet (file or "
-                                          "folder) of qid int64, pid int64, score float32; or `run` for the "
+    scores: str | None = field(None, help="Teacher pair scores for the false-negative filter: a `raykd score` "
+                                          "output (its pair_scores/), or Parquet (file or folder) of qid int64, "
+                                          "pid int64, score float32; or `run` for the "
                                           "run's own scores. Unset: no filter.")
     margin: float = field(0.0, help="Filter: drop a negative whose teacher score > positive's - MARGIN.")
     relative_margin: float | None = field(None, help="Filter: also drop a negative whose teacher score > "

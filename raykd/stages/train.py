@@ -110,7 +110,8 @@ class TrainConfig:
     group_size: int = field(8, help="With --groups: negatives per query (k of 1+k). A group with more is sampled "
                                     "down to k (seeded, another draw each epoch); one with fewer is left out "
                                     "(counted in the manifest).")
-    pair_scores: str | None = field(None, help="With --groups: teacher pair scores, Parquet (file or folder) of "
+    pair_scores: str | None = field(None, help="With --groups: teacher pair scores: a `raykd score` output "
+                                               "(its pair_scores/), or Parquet (file or folder) of "
                                                "qid int64, pid int64, score float32; every pair of the groups "
                                                "must be scored. Needed by losses that learn from a teacher.")
     overwrite: bool = field(False, help="Replace an existing output made with other settings instead of refusing.",

@@ -4,8 +4,10 @@ The driver reads the pipeline's stream and gathers each pending part's pair rows
 repeated row (a block retried after its actor died) is dropped. When a part holds every one of its unique
 pairs, the driver submits :func:`join_part` for it and goes on reading; the task reads the part's planned
 triples, attaches pos/neg score per teacher, computes the weighted-mean ensemble and margin, quarantines
-(lenient) or refuses (strict) non-finite scores, and commits the part with one atomic write. Its work
-statistics go in the part's Parquet footer, so the manifest sums them over parts whichever run wrote them.
+(lenient) or refuses (strict) non-finite scores, writes the part's unique pair scores
+(``pair_scores/part-NNNNN.parquet``, :func:`pair_score_table`) and then commits the part with one atomic write.
+Its work statistics go in the part's Parquet footer, so the manifest sums them over parts whichever run wrote
+them. A part's pair scores are written before the part, so a committed part always has them.
 Because the qid hash put all pairs of a query in one part, each part's join is independent of the others.
 """
 
@@ -24,6 +26,7 @@ from raykd.formats import scores as fmt
 from raykd.stages.score.plan import partition_unique, triples_uri
 
 STATS_KEY = b"raykd.score.stats"
+PAIR_SCORES = "pair_scores"  # the folder of unique pair scores in a score output
 
 
 class PartGather:
@@ -65,8 +68,24 @@ def _first_per_pair(t: pa.Table) -> pa.Table:
     return t.take(pa.array(index))
 
 
+def pair_score_table(pair_scores: pa.Table, names: list[str], weights: list[float]) -> pa.Table:
+    """A part's unique (qid, pid) pairs with the ensemble's ``score`` and each teacher's ``score__<t>``
+    (float32), sorted by (qid, pid): :mod:`raykd.formats.pair_scores`, so groups of any size drawn from these
+    pairs train without scoring again. A pair that a teacher scored NaN/inf is left out (its triples are
+    refused or quarantined by :func:`join_part`)."""
+    per = {n: pair_scores[f"score__{n}"].to_numpy(zero_copy_only=False).astype(np.float32) for n in names}
+    ok = np.logical_and.reduce([np.isfinite(v) for v in per.values()])
+    qid = pair_scores["qid"].to_numpy()[ok]
+    pid = pair_scores["pid"].to_numpy()[ok]
+    order = np.lexsort((pid, qid))
+    cols = {"qid": qid[order].astype(np.int64), "pid": pid[order].astype(np.int64),
+            "score": fmt.ensemble([per[n][ok][order] for n in names], weights)}
+    cols.update({f"score__{n}": per[n][ok][order] for n in names})
+    return pa.table(cols)
+
+
 def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p: int,
-              pair_scores: pa.Table) -> dict:
+              pair_scores: pa.Table, write_pair_scores: bool = True) -> dict:
     """Task body (module docstring): join part ``p``'s pair scores to its triples, check them, write the part
     (atomically) and return its statistics (also stored in the part's footer)."""
     part_uri = storage.join(out, "parts", fmt.part_name(p))
@@ -114,6 +133,10 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
         "real_tokens": {n: int(pc.sum(mine[f"len__{n}"]).as_py() or 0) for n in names},
         "padded_tokens": {n: int(pc.sum(mine[f"padlen__{n}"]).as_py() or 0) for n in names},
     }
+    if write_pair_scores:
+        pairs = pair_score_table(mine, names, weights)
+        storage.write_parquet_atomic(pairs, storage.join(out, PAIR_SCORES, fmt.part_name(p)))
+        stats["pair_scores"] = pairs.num_rows
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
     storage.write_parquet_atomic(table, part_uri)
     return stats

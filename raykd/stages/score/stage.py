@@ -59,6 +59,9 @@ class ScoreConfig:
     torch_threads: int = config.field(1, help="torch threads per scoring actor (CPU only).", fingerprint=False)
     lenient: bool = config.field(False, help="Quarantine bad rows (unknown ids, NaN scores) instead of failing.",
                                  flag="--lenient/--strict")
+    pair_scores: bool = config.field(
+        True, help="Also write the unique (qid, pid) pair scores, per teacher and ensemble, under pair_scores/ "
+                   "(what `raykd train --groups --pair-scores` and `raykd mine --scores` read).")
     histogram_bins: int = config.field(60, help="Bins of the per-teacher score histogram.")
     overwrite: bool = config.field(
         False, help="Replace an existing output made with other settings instead of refusing.", fingerprint=False
@@ -179,7 +182,8 @@ def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: 
 
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for p, part_pair_scores in gather.add(batch):
-            running[join_task.remote(cfg.out, names, weights, cfg.lenient, p, part_pair_scores)] = p
+            running[join_task.remote(cfg.out, names, weights, cfg.lenient, p, part_pair_scores,
+                                     cfg.pair_scores)] = p
         if running:
             harvest(0)
     missing = gather.missing()
@@ -229,6 +233,8 @@ def _finish(cfg: ScoreConfig, claim: finished.Claim, names: list[str], weights: 
         "quarantined_total": plan["quarantined_unknown_ids"] + quarantined_nan,
         "parts": len(part_names),
     }
+    if cfg.pair_scores:
+        counts["pair_scores"] = sum(s.get("pair_scores", 0) for s in per_part)
     m = storage.write_manifest(
         cfg.out,
         "score",
