@@ -186,6 +186,12 @@ import_nrkd = command(
     "import-nrkd", config_class="raykd.stages.score:ImportNrkdConfig", stage="raykd.stages.score:import_nrkd",
     summary=_counts, help="Turn an NRKD teacher tsv into a scores output that `raykd train` reads without scoring.")
 
+import_scores = command(
+    "import-scores", config_class="raykd.stages.score:ImportScoresConfig", stage="raykd.stages.score:import_scores",
+    summary=_counts,
+    help="Turn a published teacher-score file (NRKD tsv, sentence-transformers' pickle + hard negatives, "
+         "lightonai lists) into a scores output that `raykd train` reads without scoring.")
+
 train = command(
     "train", config_class="raykd.stages.train:TrainConfig", stage="raykd.stages.train:train",
     summary=_counts_and_stats,

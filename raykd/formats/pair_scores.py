@@ -27,14 +27,17 @@ SCORE_OUTPUT_FOLDER = "pair_scores"  # where a `raykd score` output keeps them
 
 
 def resolve(uri: str) -> str:
-    """A score output's ``pair_scores/`` folder when ``uri`` is a finished score output, else ``uri``."""
+    """A scores output's ``pair_scores/`` folder when ``uri`` is a finished ``score`` / ``import-*`` output,
+    else ``uri``."""
+    from raykd.formats.scores import STAGES
+
     if storage.has_manifest(uri):
         m = storage.read_manifest(uri)
-        if m.get("stage") == "score":
+        if m.get("stage") in STAGES:
             folder = storage.join(uri, SCORE_OUTPUT_FOLDER)
             if not storage.exists(folder):
-                raise FormatError(uri, None, "this score output has no pair_scores/ (it was made with "
-                                             "--no-pair-scores); score again with pair scores on")
+                raise FormatError(uri, None, "this scores output has no pair_scores/ (made with "
+                                             "--no-pair-scores, or by an older raykd); score or import again")
             return folder
     return uri
 

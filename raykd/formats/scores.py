@@ -17,7 +17,7 @@ Layout under the scores URI::
     analysis/teacher_scores.json, analysis/teacher_scores.png
                                 per-teacher score distribution summary and histogram (score stage only)
     _work/                      the score stage's resumable work files (not part of the contract)
-    manifest.json               stage "score" or "import-nrkd"; written last. ``stats.teachers`` lists the
+    manifest.json               stage "score", "import-nrkd" or "import-scores"; written last. ``stats.teachers`` lists the
                                 teacher names (column suffixes) in order, ``stats.weights`` their ensemble
                                 weights; ``counts.triples`` the number of rows over all parts.
 
@@ -46,7 +46,7 @@ from raykd import storage
 
 FORMAT = "raykd.triple_scores"
 VERSION = 1
-STAGES = ("score", "import-nrkd")
+STAGES = ("score", "import-nrkd", "import-scores")
 KEY_COLUMNS = ("qid", "pos_pid", "neg_pid")
 ENSEMBLE_COLUMNS = ("pos_score", "neg_score", "margin")
 QUARANTINE_SCHEMA = pa.schema(

@@ -6,10 +6,12 @@ pipeline (docs/score.md). Its steps are its modules:
 - :mod:`.join`      a part's pair scores -> its triples' scores and ensemble, committed in a Ray task
 - :mod:`.analysis`  per-teacher score distributions
 - :mod:`.nrkd`      import and export of NRKD teacher-score files
+- :mod:`.imports`   import of published teacher-score files of every format (NRKD, sentence-transformers, lightonai)
 - :mod:`.stage`     the config and the driver that runs the steps
 """
 
 from raykd.stages.score.analysis import summarize
+from raykd.stages.score.imports import ImportScoresConfig, import_scores
 from raykd.stages.score.join import STATS_KEY, join_part, part_stats
 from raykd.stages.score.nrkd import ExportNrkdConfig, ImportNrkdConfig, export_nrkd, import_nrkd
 from raykd.stages.score.pipeline import EnsembleScorer, TeacherScorer, attach_texts, tokenize_pairs
@@ -17,7 +19,7 @@ from raykd.stages.score.plan import part_of, partition_unique
 from raykd.stages.score.stage import ScoreConfig, score
 
 __all__ = [
-    "STATS_KEY", "EnsembleScorer", "ExportNrkdConfig", "ImportNrkdConfig", "ScoreConfig", "TeacherScorer",
-    "attach_texts", "export_nrkd", "import_nrkd", "join_part", "part_of", "part_stats", "partition_unique",
+    "STATS_KEY", "EnsembleScorer", "ExportNrkdConfig", "ImportNrkdConfig", "ImportScoresConfig", "ScoreConfig", "TeacherScorer",
+    "attach_texts", "export_nrkd", "import_nrkd", "import_scores", "join_part", "part_of", "part_stats", "partition_unique",
     "score", "summarize", "tokenize_pairs",
 ]

@@ -3,19 +3,14 @@ pos_pid<TAB>neg_pid``) imported as a one-teacher scores output, and any scores o
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
-from raykd import config, finished, storage
+from raykd import config, storage
 from raykd.errors import UserError
 from raykd.formats import scores as fmt
 from raykd.log import get_logger
-from raykd.stages.score.analysis import summarize
-from raykd.stages.score.plan import part_of, partition_unique
 
 _log = get_logger("score").info
 
@@ -47,57 +42,17 @@ class ExportNrkdConfig:
 
 
 def import_nrkd(cfg: ImportNrkdConfig) -> storage.Manifest:
-    """Turn an NRKD file into a scores output that training reads like a ``score`` output. Duplicate triples
-    keep their first line's scores and are counted. Holds the file's numbers in memory (~33 bytes/triple)."""
-    from raykd.formats import nrkd
+    """Turn an NRKD file into a scores output that training reads like a ``score`` output: ``raykd
+    import-scores --format nrkd`` (:mod:`raykd.stages.score.imports`) under its own stage name. Duplicate
+    triples keep their first line's scores and are counted. Holds the file's numbers in memory (~33
+    bytes/triple)."""
+    from raykd.stages.score.imports import ImportScoresConfig, import_scores
 
-    t0 = time.time()
     if not cfg.nrkd or not cfg.out:
         raise UserError("import-nrkd needs --nrkd FILE and --out URI")
-    name = fmt.teacher_names([cfg.teacher_name])[0]
-    claim = finished.claim(cfg.out, "import-nrkd", finished.fingerprint(cfg), cfg.overwrite)
-    if claim.finished:
-        _log(f"{cfg.out} is already complete; nothing to do")
-        return claim.manifest
-    batches = []
-    for i, b in enumerate(nrkd.iter_batches(cfg.nrkd)):
-        batches.append(b)
-        if i % 50 == 49:
-            _log(f"read {sum(x.num_rows for x in batches)} lines of {cfg.nrkd}")
-    if not batches:
-        raise UserError(f"{cfg.nrkd}: the NRKD file is empty (0 triples)")
-    t = pa.Table.from_batches(batches)
-    n_in = t.num_rows
-    qid, pos, neg = (t[c].to_numpy() for c in fmt.KEY_COLUMNS)
-    ps, ns = t["pos_score"].to_numpy(), t["neg_score"].to_numpy()
-    n_parts = max(1, -(-n_in // max(1, cfg.rows_per_part)))
-    order, bounds = partition_unique([qid, pos, neg], part_of(qid, n_parts), n_parts, first_by=np.arange(n_in))
-    qid, pos, neg, ps, ns = qid[order], pos[order], neg[order], ps[order], ns[order]
-    names = []
-    for p in range(n_parts):
-        a, b = int(bounds[p]), int(bounds[p + 1])
-        if a == b:
-            continue
-        table = fmt.make_table(qid[a:b], pos[a:b], neg[a:b], {name: (ps[a:b], ns[a:b])}, [1.0])
-        storage.write_parquet_atomic(table, storage.join(cfg.out, "parts", fmt.part_name(p)))
-        names.append(fmt.part_name(p))
-    summary = {name: {"pos": summarize(ps), "neg": summarize(ns), "margin": summarize(ps - ns)}}
-    m = storage.write_manifest(
-        cfg.out,
-        "import-nrkd",
-        format=fmt.FORMAT,
-        format_version=fmt.VERSION,
-        config=storage.redact(dataclasses.asdict(cfg)),
-        inputs={"nrkd": storage.redact(str(cfg.nrkd))},
-        counts={"triples": int(len(qid)), "triples_in": n_in, "duplicate_triples": int(n_in - len(qid)),
-                "parts": len(names)},
-        stats={"teachers": [name], "weights": [1.0], "score_summary": summary},
-        parts=[f"parts/{n}" for n in names],
-        timings={"total_s": round(time.time() - t0, 3)},
-        fingerprint=claim.fingerprint,
-    )
-    _log(f"imported {len(qid)} triples ({n_in - len(qid)} duplicates dropped) into {len(names)} part(s)")
-    return m
+    return import_scores(ImportScoresConfig(format="nrkd", scores=cfg.nrkd, out=cfg.out,
+                                            teacher_name=cfg.teacher_name, rows_per_part=cfg.rows_per_part,
+                                            overwrite=cfg.overwrite), stage="import-nrkd")
 
 
 def export_nrkd(scores_uri: str, out_file: str, teacher: str | None = None) -> int:
