@@ -454,6 +454,15 @@ def ranked(scored: pa.Table, score: str = "score") -> pa.Table:
                      "score": t[score].cast(pa.float32())})
 
 
+def _first_of_each_pair(t: pa.Table) -> pa.Table:
+    """``t`` with one row per (qid, pid), the first."""
+    q, p = t["qid"].to_numpy(), t["pid"].to_numpy()
+    order = np.lexsort((np.arange(len(q)), p, q))
+    dup = np.zeros(len(q), dtype=bool)
+    dup[order[1:]] = (q[order][1:] == q[order][:-1]) & (p[order][1:] == p[order][:-1])
+    return t.filter(pa.array(~dup)) if dup.any() else t
+
+
 def rerank_pool(cfg: SearchConfig) -> dict:
     """The scoring actor pool's size and resources: GPUs when the cluster has any (``rerank_gpus`` each, one
     actor per share), else CPU actors of ``rerank_cpus`` each filling half the cluster's CPUs (the other half
@@ -516,17 +525,25 @@ def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict,
             load_options={"store": cfg.data} if spec.startswith("bm25") else None)
         ds = ds.select_columns(["block", "qid", "query_id", "pid", "doc_id", "score__rerank"])
         gathered: dict[int, list[pa.Table]] = {}
+        written: set[int] = set()
         progress = Progress(log, "pairs re-ranked", cands.num_rows)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for b in np.unique(batch["block"].to_numpy()).tolist():
+                if b in written:  # rows of a block retried after it was complete
+                    continue
                 rows = batch.filter(pc.equal(batch["block"], b))
                 gathered.setdefault(b, []).append(rows)
-                if sum(x.num_rows for x in gathered[b]) == expected[b]:
-                    t = ranked(pa.concat_tables(gathered.pop(b)), "score__rerank")
+                if sum(x.num_rows for x in gathered[b]) < expected[b]:
+                    continue
+                t = _first_of_each_pair(pa.concat_tables(gathered[b]))  # a retried block's rows come twice
+                if t.num_rows == expected[b]:
+                    del gathered[b]
+                    t = ranked(t, "score__rerank")
                     name = f"parts/part-{b:05d}.parquet"
                     storage.write_parquet_atomic(t, storage.join(cfg.out, name))
                     parts.append((b, name))
                     out.append((b, t))
+                    written.add(b)
             progress.update(batch.num_rows)
         progress.close()
         if gathered or len(out) != len(blocks):
