@@ -4,7 +4,7 @@
                     ->  pad each to its longest pair, rounded up to a multiple of 8
                     ->  forward under bf16 autocast on CUDA  ->  scores back in block order
 
-The score stage's actors (:class:`raykd.stages.score.pipeline.TeacherScorer`, one per teacher in each
+The scorer pipeline's actors (:class:`raykd.stages.scoring.TeacherScorer`, one per scorer in each
 ensemble actor) run a block through :func:`score_block` and do nothing else with the model; ``bench/gpu.py``
 times the same function on a GPU without Ray. Nothing here knows about Ray (imports: numpy and torch).
 

@@ -77,6 +77,53 @@ def test_rerank_scores_candidates_with_a_scorer(bm25_test, mini_store, tiny_mode
     assert [got[q][d] for d in docs] == pytest.approx(want, abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def colbert_student(tiny_models, tmp_path_factory) -> str:
+    """A raykd ColBERT student as `raykd train` saves one (raykd_model.json, its projection)."""
+    import torch
+
+    from raykd.models.registry import load_student
+
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("colbert-student") / "model")
+    load_student("colbert", tiny_models("bert", "encoder", seed=3), dim=16).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["cross_encoder", "colbert"])
+def test_rerank_through_the_pipeline_equals_the_scorer_in_process(which, bm25_test, mini_store, tiny_models,
+                                                                   colbert_student, tmp_path):
+    """Re-ranking through the scorer pipeline (pairs -> texts -> CPU tokenising -> actor pool, length-sorted
+    forward passes) gives every pair the score the loaded scorer gives it in this process, and writes each block
+    of whole queries as a part holding run.parquet's rows."""
+    import numpy as np
+
+    from raykd.models.registry import load_scorer
+
+    scorer = tiny_models("bert", "cross_encoder", seed=5) if which == "cross_encoder" else colbert_student
+    cands = dict(list(trec.read_run(storage.join(bm25_test, "run.trec")).items())[:6])
+    trec.write_run(cands, str(tmp_path / "cands.trec"))
+    out = str(tmp_path / "rr")
+    m = search(SearchConfig(data=mini_store, rerank=str(tmp_path / "cands.trec"), scorer=scorer, split="test", k=7,
+                            rerank_block=16, batch_size=4, out=out))
+    table = pq.read_table(storage.join(out, "run.parquet"))
+    assert m.counts == {"queries": 6, "results": 42, "k": 7} and table.num_rows == 42
+    assert m.stats["rerank"]["blocks"] == 3 and len([p for p in m.parts if p.startswith("parts/")]) == 3
+    parts = pa.concat_tables([pq.read_table(storage.join(out, p)) for p in m.parts if p.startswith("parts/")])
+    assert parts.sort_by([("qid", "ascending"), ("rank", "ascending")]).equals(table)
+    store = TextStore(mini_store)
+    qtext = dict(zip(store.queries("test")["qid"].to_pylist(), store.queries("test")["text"].to_pylist()))
+    model = load_scorer(scorer).eval()
+    want = model.score([qtext[q] for q in table["qid"].to_pylist()], store.passages(table["pid"].to_numpy()))
+    np.testing.assert_allclose(table["score"].to_numpy(), want.numpy(), atol=1e-5, rtol=0)
+    got = trec.read_run(storage.join(out, "run.trec"))
+    for q, docs in cands.items():  # each query's top-7 candidates, re-scored and ranked in trec_eval's order
+        assert set(got[q]) == {d for d, _ in trec.trec_order(docs)[:7]}
+    rows = table.to_pylist()
+    assert [(r["query_id"], r["doc_id"]) for r in rows] == [(q, d) for q in dict.fromkeys(r["query_id"] for r in rows)
+                                                            for d, _ in trec.trec_order(got[q])]
+
+
 def test_rerank_refuses_runs_naming_unknown_ids(mini_store, tiny_models, tmp_path):
     scorer = tiny_models("bert", "cross_encoder", seed=5)
     bad = tmp_path / "bad.trec"

@@ -118,6 +118,19 @@ def write_run(run: Mapping[str, Mapping[str, float]], uri: str, tag: str = "rayk
     storage.write_bytes_atomic(uri, format_run(run, tag, k).encode())
 
 
+def write_ranked(query_ids: Iterable[str], doc_ids: Iterable[str], ranks: Iterable[int], scores: Iterable[float],
+                 uri: str, tag: str = "raykd") -> None:
+    """Write a run given as ranked rows (already in :func:`trec_order` within each query, ranks 1..n), e.g. the
+    columns of a ``run.parquet``, atomically; the lines are what :func:`write_run` writes for the same run."""
+    tag = tag.replace(" ", "_") or "raykd"
+    out = []
+    for qid, docno, rank, score in zip(query_ids, doc_ids, ranks, scores):
+        if any(c.isspace() for c in f"{qid}{docno}") or not qid or not docno:
+            raise ValueError(f"run ids must be non-empty and free of whitespace: query {qid!r}, document {docno!r}")
+        out.append(f"{qid} Q0 {docno} {rank} {score:.8g} {tag}\n")
+    storage.write_bytes_atomic(uri, "".join(out).encode())
+
+
 def read_qrels(uri: str) -> Qrels:
     """``{qid: {docno: relevance}}`` from TREC 4-column qrels or a BEIR 3-column tsv (header allowed)."""
     qrels: Qrels = {}

@@ -320,6 +320,50 @@ def _require_head_file(path: str, filename: str, what: str) -> None:
                         f"from it)")
 
 
+#: a saved raykd model's kind (``raykd.models.registry.saved_kind``) -> the teacher kind that scores it
+SAVED_KINDS = {"bert_cat": "cat", "bert_dot": "dot", "tct": "dot", "colbert": "colbert", "prettr": "prettr",
+               "tk": "tk"}
+
+
+def scorer_spec(scorer: str) -> TeacherSpec:
+    """A re-ranker as a :class:`TeacherSpec`: ``KIND:PATH`` as :func:`parse_teacher` reads it, or a bare model that
+    :func:`raykd.models.registry.load_scorer` loads (a raykd student of any kind, a cross-encoder folder or hub
+    name), its kind read from the folder."""
+    from raykd.models import registry
+
+    scorer = str(scorer).strip()
+    head, sep, _ = scorer.partition(":")
+    if (sep and head in KINDS) or scorer == "bm25":
+        return parse_teacher(scorer)
+    path = _local(scorer)
+    if not os.path.isdir(path):
+        return TeacherSpec("cat", scorer)  # a hub name: a cross-encoder, as load_scorer takes it
+    saved = registry.saved_kind(path)
+    if saved is None:
+        raise UserError(f"{scorer}: not a raykd model (no raykd_model.json) and not a Hugging Face "
+                        f"sequence-classification checkpoint; give a folder written by `raykd train`, a "
+                        f"cross-encoder, or KIND:PATH ({', '.join(KINDS)})")
+    if saved not in SAVED_KINDS:
+        raise UserError(f"{scorer}: saved model kind {saved!r} is unknown; known: {', '.join(sorted(SAVED_KINDS))}")
+    return TeacherSpec(SAVED_KINDS[saved], scorer)
+
+
+def load_pair_tokenizer(spec: TeacherSpec | str, query_max_length: int | None = None,
+                        passage_max_length: int | None = None, **options: Any) -> Any:
+    """What CPU tokenising needs of ``spec``: an object with the ``tokenize_unpadded`` of
+    :func:`load_teacher`'s scorer. A cross-encoder's tokenizer alone and BM25's (the texts) load no weights;
+    the other kinds tokenise through their model, so the scorer itself is loaded (on the CPU)."""
+    from raykd.models.cross_encoder import CrossEncoderTokenizer
+    from raykd.models.released import released_layout
+
+    spec = parse_teacher(spec) if isinstance(spec, str) else spec
+    if spec.kind == "bm25":
+        return BM25Scorer("bm25", "", None)
+    if spec.kind == "cat" and released_layout(_local(spec.path)) is None:
+        return CrossEncoderTokenizer.from_pretrained(_local(spec.path), query_max_length, passage_max_length)
+    return load_teacher(spec, query_max_length, passage_max_length, **options)
+
+
 def load_teacher(spec: TeacherSpec | str, query_max_length: int | None = None, passage_max_length: int | None = None,
                  *, store: str | None = None, corpus: Sequence[str] | None = None, pooling: str | None = None,
                  normalize: bool | None = None, template: str | None = None, yes_token: str | None = None,

@@ -4,7 +4,9 @@
   set (top-k merged over shards), see :mod:`raykd.dense_index`;
 - BM25 (``bm25``): bm25s over the store's corpus (:mod:`raykd.bm25`);
 - re-rank (``rerank`` + ``scorer``): score the top ``k`` candidates of a run (e.g. BM25 top-1000) with any raykd
-  scorer (student or teacher, :func:`raykd.models.registry.load_scorer`);
+  scorer (student or teacher: what :func:`raykd.models.registry.load_scorer` loads, or a ``KIND:PATH`` teacher) through
+  the scorer pipeline score uses (:mod:`raykd.stages.scoring`: texts, CPU tokenising, an actor pool, length
+  bucketing), each block of whole queries ranked and written as a part as it arrives;
 - hybrid (``hybrid`` + ``dense`` + ``sparse``): TCT Eq. 7 (:mod:`raykd.fusion`); ``alpha`` given, or tuned by grid
   search on the ``tune_split`` queries (their dense and sparse runs given as ``tune_dense`` / ``tune_sparse``,
   or computed here from ``index`` and BM25).
@@ -13,6 +15,7 @@ Output under ``out``::
 
     run.trec       TREC run (original query and document ids), trec_eval order, ranks 1..k
     run.parquet    qid int64, query_id string, pid int64, doc_id string, rank int32, score float32
+    parts/         re-rank only: part-<block>.parquet, run.parquet's rows of one block of whole queries
     manifest.json  stage "search"; counts; stats.latency_ms = per-query milliseconds of each component
                    (query_encoding, search, rerank, fusion, total), as in TCT-ColBERT's Table 2; written last
 
@@ -44,7 +47,7 @@ from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.formats.store import TextStore
 from raykd.log import Progress, get_logger
-from raykd.runs import FORMAT, VERSION, corpus_ids, pids_of, run_file, store_qrels
+from raykd.runs import FORMAT, VERSION, corpus_ids, pids_of, run_file, run_table, store_qrels
 
 log = get_logger("search")
 
@@ -82,7 +85,18 @@ class SearchConfig:
     bm25_memory_gb: float = field(0.0, help="BM25: memory the index build task asks Ray for (0: estimated from "
                                             "the corpus text, see docs/retrieval.md).", fingerprint=False)
     rerank: str | None = field(None, help="Candidate run to re-rank (TREC file or search output URI).")
-    scorer: str | None = field(None, help="Re-rank: a saved raykd scorer or HF cross-encoder folder.")
+    scorer: str | None = field(None, help="Re-rank: a saved raykd scorer (any student kind) or HF cross-encoder "
+                                          "folder, or a teacher spec KIND:PATH (docs/teachers.md).")
+    rerank_block: int = field(2048, help="Re-rank: pairs per Ray Data block (whole queries; each block is sorted "
+                                         "by length in the actor and written as one part).", fingerprint=False)
+    rerank_actors: int = field(0, help="Re-rank: scoring actors (0: sized to the cluster, one per --rerank-gpus "
+                                       "share of its GPUs, else half its CPUs in actors of --rerank-cpus).",
+                               fingerprint=False)
+    rerank_gpus: float | None = field(None, help="Re-rank: GPUs per scoring actor (unset: 1 when the cluster has "
+                                                 "GPUs and --device is not cpu, else 0).", fingerprint=False)
+    rerank_cpus: float = field(1.0, help="Re-rank: CPUs per scoring actor (on CPU also its torch threads unless "
+                                         "--torch-threads).", fingerprint=False)
+    rerank_task_cpus: float = field(0.25, help="Re-rank: CPUs per text-lookup / tokenising task.", fingerprint=False)
     hybrid: bool = field(False, help="TCT Eq. 7 fusion of --dense and --sparse.", flag="--hybrid")
     dense: str | None = field(None, help="Hybrid: dense run of --split.")
     sparse: str | None = field(None, help="Hybrid: sparse (BM25) run of --split.")
@@ -383,41 +397,170 @@ def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, sta
     return _run_of(queries["query_id"].to_pylist(), ids, rows, scores, scores > 0)
 
 
-def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict) -> trec.Run:
-    import torch
+def _run_line(path: str, row: int) -> int:
+    """The line of a run file that holds its ``row``-th run line (blank lines skipped): for error messages."""
+    for i, r in enumerate(trec.iter_run(path)):
+        if i == row:
+            return r.line
+    return row + 1
 
-    from raykd.models.registry import load_scorer
 
-    candidates = read_store_run(cfg.rerank, store, split, k=cfg.k)
-    queries = split_queries(store, split)
-    qtext = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist()))
-    pid_of = store.pid_of_doc_id()
-    model = load_scorer(cfg.scorer)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device).eval()
-    pairs = [(q, d) for q, docs in candidates.items() for d in docs]
-    # only the candidates' passages, read from the corpus parts into pid-sorted blocks (raykd.texts)
-    pids = np.array([pid_of[d] for _, d in pairs], dtype=np.int64)
-    passages = store.passage_lookup(pids=pids)
-    scores = np.empty(len(pairs), dtype=np.float32)
-    progress = Progress(log, "pairs re-ranked", len(pairs))
+def rerank_candidates(uri: str, store: TextStore, split: str, k: int) -> pa.Table:
+    """The top ``k`` candidates per query of run ``uri`` (:func:`raykd.runs.run_table`, trec_eval's order) as Arrow
+    columns ``qid``, ``query_id``, ``pid``, ``doc_id``, sorted by qid, then rank. A query that is not in ``split``,
+    a document twice for a query, or a document that is not in the corpus is an error naming the file and line
+    (ids are looked up by Arrow joins, never a dict over the corpus)."""
+    t = run_table(uri)
+    queries = store.queries(split).select(["qid", "query_id"])
+    qpos = pc.index_in(t["query_id"], value_set=queries["query_id"].combine_chunks())
+    qrow = pc.fill_null(qpos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    pids = pids_of(corpus_ids(store), t["doc_id"])
+    docs = t["doc_id"].combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    order = np.lexsort((np.arange(len(docs)), docs, qrow))
+    same = (qrow[order][1:] == qrow[order][:-1]) & (docs[order][1:] == docs[order][:-1])
+    bad_query, twice, bad_doc = np.flatnonzero(qrow < 0), order[1:][same], np.flatnonzero(pids < 0)
+    path = run_file(uri)
+    if len(bad_query) or len(twice):  # as a line-by-line reading finds them: queries and repeats first
+        row = int(min(np.concatenate([bad_query, twice])))
+        q, d = t["query_id"][row].as_py(), t["doc_id"][row].as_py()
+        raise FormatError(path, _run_line(path, row), f"query {q} is not in split {split!r} of {store.uri}"
+                          if qrow[row] < 0 else f"document {d} appears twice for query {q}")
+    if len(bad_doc):
+        row = int(bad_doc[0])
+        raise FormatError(path, _run_line(path, row),
+                          f"document {t['doc_id'][row].as_py()} is not in the corpus of {store.uri}")
+    cands = pa.table({"qid": queries["qid"].combine_chunks().take(pa.array(qrow)), "query_id": t["query_id"],
+                      "pid": pa.array(pids, pa.int64()), "doc_id": t["doc_id"], "score": t["score"]})
+    cands = cands.sort_by([("qid", "ascending"), ("score", "descending"), ("doc_id", "descending")])
+    keep = ranks_within(cands["qid"].to_numpy()) <= k
+    return cands.filter(pa.array(keep)).drop_columns(["score"])
+
+
+def ranks_within(qids: np.ndarray) -> np.ndarray:
+    """1-based position of each row within its run of equal ``qids`` (rows grouped by query)."""
+    if len(qids) == 0:
+        return np.zeros(0, np.int32)
+    starts = np.flatnonzero(np.r_[True, qids[1:] != qids[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(qids)]))
+    return (np.arange(len(qids)) - first + 1).astype(np.int32)
+
+
+def ranked(scored: pa.Table, score: str = "score") -> pa.Table:
+    """Re-ranked rows (qid, query_id, pid, doc_id and their ``score`` column) of whole queries in trec_eval's
+    order with ranks 1..n: the columns of ``run.parquet``."""
+    t = scored.sort_by([("qid", "ascending"), (score, "descending"), ("doc_id", "descending")])
+    return pa.table({"qid": t["qid"], "query_id": t["query_id"], "pid": t["pid"], "doc_id": t["doc_id"],
+                     "rank": pa.array(ranks_within(t["qid"].to_numpy()), pa.int32()),
+                     "score": t[score].cast(pa.float32())})
+
+
+def _first_of_each_pair(t: pa.Table) -> pa.Table:
+    """``t`` with one row per (qid, pid), the first."""
+    q, p = t["qid"].to_numpy(), t["pid"].to_numpy()
+    order = np.lexsort((np.arange(len(q)), p, q))
+    dup = np.zeros(len(q), dtype=bool)
+    dup[order[1:]] = (q[order][1:] == q[order][:-1]) & (p[order][1:] == p[order][:-1])
+    return t.filter(pa.array(~dup)) if dup.any() else t
+
+
+def rerank_pool(cfg: SearchConfig) -> dict:
+    """The scoring actor pool's size and resources: GPUs when the cluster has any (``rerank_gpus`` each, one
+    actor per share), else CPU actors of ``rerank_cpus`` each filling half the cluster's CPUs (the other half
+    reads, looks up texts and tokenises); ``rerank_actors`` fixes the number."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = cfg.rerank_gpus if cfg.rerank_gpus is not None else (
+        1.0 if res.get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0)
+    if cfg.rerank_actors > 0:
+        n = cfg.rerank_actors
+    elif gpus > 0:
+        n = max(1, int(res.get("GPU", 0) // gpus))
+    else:
+        n = max(1, int(res.get("CPU", 1) / 2 // max(cfg.rerank_cpus, 1e-9)))
+    return {"actors": n, "gpus_per_actor": gpus, "cpus_per_actor": cfg.rerank_cpus,
+            "torch_threads": cfg.torch_threads or max(1, int(cfg.rerank_cpus))}
+
+
+def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict,
+               stats: dict) -> tuple[pa.Table, list[str]]:
+    """Re-score the top ``cfg.k`` candidates per query of ``cfg.rerank`` with ``cfg.scorer`` through the scorer
+    pipeline (:mod:`raykd.stages.scoring`): a Ray Dataset of (qid, pid) pairs, blocks of whole queries -> texts
+    from the shared lookups -> CPU tokenising -> the actor pool; each block's queries are ranked and written
+    as ``parts/part-<block>.parquet`` as it arrives. Returns the run as ``run.parquet``'s columns, and the parts."""
+    import ray
+    import ray.data
+
+    from raykd.models.teachers import scorer_spec
+    from raykd.runtime import init_ray
+    from raykd.stages import scoring
+    from raykd.stages import shared_texts as sharing
+
+    spec = str(scorer_spec(cfg.scorer))
+    cands = rerank_candidates(cfg.rerank, store, split, cfg.k)
+    n_queries = len(np.unique(cands["qid"].to_numpy()))
+    # blocks of whole queries of about rerank_block pairs: a block's rows are its queries' complete lists
+    ranks = ranks_within(cands["qid"].to_numpy())
+    starts = np.flatnonzero(ranks == 1)
+    block = np.repeat(starts // max(1, cfg.rerank_block), np.diff(np.r_[starts, cands.num_rows])).astype(np.int64)
+    cands = cands.append_column("block", pa.array(block))
+    bounds = np.flatnonzero(np.r_[True, block[1:] != block[:-1], True])
+    blocks = [cands.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    expected = {int(b["block"][0].as_py()): b.num_rows for b in blocks}
     t0 = time.perf_counter()
-    for i in range(0, len(pairs), cfg.batch_size):
-        chunk = pairs[i : i + cfg.batch_size]
-        with torch.no_grad():
-            s = model.score([qtext[q] for q, _ in chunk], passages.texts(pids[i : i + cfg.batch_size]))
-        scores[i : i + len(chunk)] = s.float().cpu().numpy()
-        progress.update(len(chunk))
-    progress.close()
-    latency["rerank"] = 1000 * (time.perf_counter() - t0) / max(len(candidates), 1)
+    init_ray()
+    pool = rerank_pool(cfg)
+    log.info("re-ranking %s pairs of %d queries with %s in %d block(s): %d actor(s), %g GPU(s) each", f"{cands.num_rows:,}",
+             n_queries, spec, len(blocks), pool["actors"], pool["gpus_per_actor"])
+    parts, out = [], []
+    if blocks:
+        passages = sharing.share_passages(store.corpus_parts(), pids=ray.put(np.unique(cands["pid"].to_numpy())),
+                                          where=f"the corpus of {store.uri}")
+        queries = sharing.share(store.query_lookup(split))
+        ds = scoring.scored(
+            ray.data.from_arrow(blocks), [("rerank", spec)], passages, queries, query_max_length=None,
+            passage_max_length=None, batch_size=cfg.batch_size, block_pairs=max(expected.values()), min_actors=1,
+            max_actors=pool["actors"], gpus_per_actor=pool["gpus_per_actor"], cpus_per_actor=pool["cpus_per_actor"],
+            actor_resources=None, cpus_per_task=cfg.rerank_task_cpus, torch_threads=pool["torch_threads"],
+            load_options={"store": cfg.data} if spec.startswith("bm25") else None)
+        ds = ds.select_columns(["block", "qid", "query_id", "pid", "doc_id", "score__rerank"])
+        gathered: dict[int, list[pa.Table]] = {}
+        written: set[int] = set()
+        progress = Progress(log, "pairs re-ranked", cands.num_rows)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for b in np.unique(batch["block"].to_numpy()).tolist():
+                if b in written:  # rows of a block retried after it was complete
+                    continue
+                rows = batch.filter(pc.equal(batch["block"], b))
+                gathered.setdefault(b, []).append(rows)
+                if sum(x.num_rows for x in gathered[b]) < expected[b]:
+                    continue
+                t = _first_of_each_pair(pa.concat_tables(gathered[b]))  # a retried block's rows come twice
+                if t.num_rows == expected[b]:
+                    del gathered[b]
+                    t = ranked(t, "score__rerank")
+                    name = f"parts/part-{b:05d}.parquet"
+                    storage.write_parquet_atomic(t, storage.join(cfg.out, name))
+                    parts.append((b, name))
+                    out.append((b, t))
+                    written.add(b)
+            progress.update(batch.num_rows)
+        progress.close()
+        if gathered or len(out) != len(blocks):
+            raise RuntimeError(f"the re-rank pipeline lost pairs: {len(blocks) - len(out)} of {len(blocks)} "
+                               f"block(s) incomplete")
+    latency["rerank"] = 1000 * (time.perf_counter() - t0) / max(n_queries, 1)
+    stats["rerank"] = {"scorer": spec, "pairs": cands.num_rows, "blocks": len(blocks), **pool}
     if storage.has_manifest(cfg.rerank):  # the first stage's cost is part of a re-ranking pipeline's
         for part, ms in storage.read_manifest(cfg.rerank)["stats"].get("latency_ms", {}).items():
             if part != "total":
                 latency[part] = latency.get(part, 0.0) + ms
-    run: trec.Run = {}
-    for (q, d), s in zip(pairs, scores.tolist()):
-        run.setdefault(q, {})[d] = s
-    return run
+    names = [name for _, name in sorted(parts)]
+    if not out:
+        return ranked(pa.table({"qid": pa.array([], pa.int64()), "query_id": pa.array([], pa.string()),
+                                "pid": pa.array([], pa.int64()), "doc_id": pa.array([], pa.string()),
+                                "score": pa.array([], pa.float32())})), names
+    return pa.concat_tables([t for _, t in sorted(out, key=lambda x: x[0])]), names
 
 
 def tuning_sample(qrels: dict, n: int, seed: int) -> set[str]:
@@ -534,7 +677,7 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     elif mode == "bm25":
         run = bm25_run(cfg, store, cfg.split, latency, stats)
     elif mode == "rerank":
-        run = rerank_run(cfg, store, cfg.split, latency)
+        table, parts = rerank_run(cfg, store, cfg.split, latency, stats)
     else:
         run = hybrid_run(cfg, store, cfg.split, latency, stats)
     single = latency.pop("single", None)
@@ -542,7 +685,13 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     stats["latency_ms"] = {k: round(v, 4) for k, v in latency.items()}
     if single:
         stats["latency_ms_single"] = single
-    _write_run(cfg, store, run, mode)
+    if mode == "rerank":
+        _write_table(cfg, table, mode)
+        counts = {"queries": len(np.unique(table["qid"].to_numpy())), "results": table.num_rows, "k": cfg.k}
+    else:
+        parts = []
+        _write_run(cfg, store, run, mode)
+        counts = {"queries": len(run), "results": sum(len(d) for d in run.values()), "k": cfg.k}
     m = storage.write_manifest(
         cfg.out,
         "search",
@@ -550,13 +699,14 @@ def search(cfg: SearchConfig) -> storage.Manifest:
         format_version=VERSION,
         config=config,
         inputs={k: getattr(cfg, k) for k in ("data", "index", "rerank", "scorer", "dense", "sparse") if getattr(cfg, k)},
-        counts={"queries": len(run), "results": sum(len(d) for d in run.values()), "k": cfg.k},
+        counts=counts,
         stats=stats,
-        parts=["run.trec", "run.parquet"],
+        parts=["run.trec", "run.parquet", *parts],
         timings={"total_seconds": round(time.perf_counter() - t0, 3)},
         fingerprint=claim.fingerprint,
     )
-    log.info("%s run of %d queries written to %s (%.2f ms/query)", mode, len(run), cfg.out, latency["total"])
+    log.info("%s run of %d queries written to %s (%.2f ms/query)", mode, counts["queries"], cfg.out,
+             latency["total"])
     return m
 
 
@@ -584,3 +734,11 @@ def _write_run(cfg: SearchConfig, store: TextStore, run: trec.Run, mode: str) ->
     )
     storage.write_parquet_atomic(table, storage.join(cfg.out, "run.parquet"))
     trec.write_run(run, storage.join(cfg.out, "run.trec"), tag=cfg.tag or f"raykd-{mode}", k=cfg.k)
+
+
+def _write_table(cfg: SearchConfig, table: pa.Table, mode: str) -> None:
+    """``run.parquet`` and ``run.trec`` (the same rows, in the same order) from a ranked table (re-ranking: its
+    scores are float32 already, so the two files agree)."""
+    storage.write_parquet_atomic(table, storage.join(cfg.out, "run.parquet"))
+    trec.write_ranked(table["query_id"].to_pylist(), table["doc_id"].to_pylist(), table["rank"].to_pylist(),
+                      table["score"].to_pylist(), storage.join(cfg.out, "run.trec"), tag=cfg.tag or f"raykd-{mode}")

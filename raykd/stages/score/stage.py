@@ -25,8 +25,9 @@ from raykd.log import get_logger
 from raykd.runtime import init_ray
 from raykd.stages.score.analysis import teacher_score_analysis
 from raykd.stages.score.join import PartGather, join_part, part_stats
-from raykd.stages.score.pipeline import model_loads, pair_scores, shared_texts
+from raykd.stages.score.pipeline import pair_scores, shared_texts
 from raykd.stages.score.plan import make_plan, read_plan
+from raykd.stages.scoring import model_loads
 
 
 @dataclass
@@ -148,10 +149,10 @@ def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: 
     import ray
 
     init_ray()
-    corpus_refs, queries_ref = shared_texts(store, cfg.split)
+    passages, queries = shared_texts(store, cfg.split)
     ds = pair_scores(
         cfg.out, {p: plan["part_pairs"][str(p)] for p in pending}, list(zip(names, [str(t) for t in cfg.teachers])),
-        corpus_refs, queries_ref, loads_uri, query_max_length=cfg.query_max_length,
+        passages, queries, loads_uri, query_max_length=cfg.query_max_length,
         passage_max_length=cfg.passage_max_length, batch_size=cfg.batch_size, bucket_pairs=cfg.bucket_pairs,
         min_actors=cfg.min_actors, max_actors=cfg.max_actors, gpus_per_actor=cfg.gpus_per_actor,
         cpus_per_actor=cfg.cpus_per_actor, actor_resources=cfg.actor_resources, cpus_per_task=cfg.cpus_per_task,
