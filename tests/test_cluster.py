@@ -4,8 +4,8 @@ autoscales on Ray's fake multinode cluster.
 The autoscaling test is the real thing on one machine: ``RAY_FAKE_CLUSTER=1 ray start --head
 --autoscaling-config=tests/fake_cluster.yaml`` runs Ray's autoscaler with its fake node provider, whose "nodes"
 are extra raylets on this machine (subclassed in tests/fake_provider/ so that each node unpacks the job's
-working_dir into a folder of its own, as on separate disks: docs/cluster.md). ``ray job submit --working-dir .`` ships the checkout and runs
-``jobs/score_teachers.py``. As on cluster.yaml's AWS cluster, the head offers no CPU and no GPU to tasks, so
+working_dir into a folder of its own, as on separate disks: docs/cluster.md). ``ray job submit --working-dir .``
+ships the checkout and runs ``jobs/score_teachers.py``. As on cluster.yaml's AWS cluster, the head offers no CPU and no GPU to tasks, so
 the job's tasks and teacher actors can only run on the (min 0) worker type. The test watches the worker nodes
 come up from zero, the job succeed with every triple scored, and the nodes go away when idle; then the same
 job writes to S3 (the moto server).
