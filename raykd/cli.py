@@ -28,6 +28,12 @@ def config_option() -> click.Option:
 
 
 def _fail(e: Exception) -> None:
+    from raykd import log
+
+    if log.is_verbose():  # the one line hides where an error without a file name came from
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
     raise click.ClickException(f"{type(e).__name__}: {e}") from e
 
 

@@ -3,8 +3,9 @@ autoscales on Ray's fake multinode cluster.
 
 The autoscaling test is the real thing on one machine: ``RAY_FAKE_CLUSTER=1 ray start --head
 --autoscaling-config=tests/fake_cluster.yaml`` runs Ray's autoscaler with its fake node provider, whose "nodes"
-are extra raylets on this machine. ``ray job submit --working-dir .`` ships the checkout and runs
-``jobs/score_teachers.py``. As on cluster.yaml's AWS cluster, the head offers no CPU and no GPU to tasks, so
+are extra raylets on this machine (subclassed in tests/fake_provider/ so that each node unpacks the job's
+working_dir into a folder of its own, as on separate disks: docs/cluster.md). ``ray job submit --working-dir .``
+ships the checkout and runs ``jobs/score_teachers.py``. As on cluster.yaml's AWS cluster, the head offers no CPU and no GPU to tasks, so
 the job's tasks and teacher actors can only run on the (min 0) worker type. The test watches the worker nodes
 come up from zero, the job succeed with every triple scored, and the nodes go away when idle; then the same
 job writes to S3 (the moto server).
@@ -302,6 +303,8 @@ def fake_cluster(s3_server):
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        # the head's autoscaler imports the provider (fake_cluster.yaml); its folder holds nothing else
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "tests" / "fake_provider"), env.get("PYTHONPATH")) if p),
     )
     env.pop("RAY_ADDRESS", None)
     marks = [tmp, f"--port={client}"]
@@ -372,15 +375,6 @@ def teachers(tiny_models) -> list[str]:
     return [tiny_models("bert", "cross_encoder", seed=1), tiny_models("bert", "cross_encoder", seed=2)]
 
 
-FAKE_CLUSTER_SCORE = pytest.mark.xfail(
-    reason="since score became a streaming package (plan and join Ray tasks), the score job on Ray's fake "
-    "multinode cluster fails with a FileNotFoundError without a file name (suspected: fake nodes share one "
-    "session dir and re-extract the job's working_dir under running workers; docs/cluster.md); open in issue 16",
-    strict=False,
-)
-
-
-@FAKE_CLUSTER_SCORE
 @pytest.mark.slow
 def test_scoring_job_autoscales_gpu_workers_from_zero_and_back(fake_cluster, sample_store, teachers, tmp_path):
     if not (ROOT / SCORE_JOB).exists():
@@ -402,7 +396,6 @@ def test_scoring_job_autoscales_gpu_workers_from_zero_and_back(fake_cluster, sam
     print(f"workers gone {gone_s:.1f} s after the job")
 
 
-@FAKE_CLUSTER_SCORE
 @pytest.mark.slow
 def test_scoring_job_writes_to_s3_on_the_fake_cluster(fake_cluster, sample_store, teachers, s3_uri):
     """The same job with --out s3://...: the nodes reach the moto server through their environment (the

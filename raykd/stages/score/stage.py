@@ -6,8 +6,8 @@
    texts -> tokens -> one pool of long-lived actors that each hold every teacher -> pair scores.
 3. **join** (:mod:`.join`, a Ray task per part): as soon as a part's pairs are all scored, its triples get
    their scores and the part is committed; the driver only gathers rows and submits tasks.
-4. **analysis** (:mod:`.analysis`) and ``manifest.json``: statistics summed over the part footers, the score
-   distributions, and the model loads of this run.
+4. **analysis** (:mod:`.analysis`, a Ray task that asks for the memory of all scores) and ``manifest.json``:
+   statistics summed over the part footers, the score distributions, and the model loads of this run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from raykd.formats import scores as fmt
 from raykd.formats.store import TextStore
 from raykd.log import get_logger
 from raykd.runtime import init_ray
-from raykd.stages.score.analysis import teacher_score_analysis
+from raykd.stages.score.analysis import analysis_memory, teacher_score_analysis
 from raykd.stages.score.join import PartGather, join_part, part_stats
 from raykd.stages.score.pipeline import pair_scores, shared_texts
 from raykd.stages.score.plan import make_plan, read_plan
@@ -195,6 +195,17 @@ def _score_parts(cfg: ScoreConfig, store: TextStore, names: list[str], weights: 
         harvest(None)
 
 
+def _analysis(cfg: ScoreConfig, names: list[str], part_uris: list[str], n_triples: int) -> dict:
+    """Step 4's analysis in a Ray task that asks for the memory of every part's scores (MS MARCO: ~4 GiB),
+    so Ray places it on a node that has it instead of the job's driver holding them on the head."""
+    import ray
+
+    init_ray()
+    task = ray.remote(teacher_score_analysis).options(
+        num_cpus=cfg.cpus_per_task, memory=analysis_memory(n_triples, len(names)))
+    return ray.get(task.remote(cfg.out, names, part_uris, cfg.histogram_bins))
+
+
 def _finish(cfg: ScoreConfig, claim: finished.Claim, names: list[str], weights: list[float], plan: dict,
             loads_uri: str, scoring_s: float, t_start: float) -> storage.Manifest:
     """Step 4: statistics over the part footers, the analysis, the manifest."""
@@ -206,7 +217,7 @@ def _finish(cfg: ScoreConfig, claim: finished.Claim, names: list[str], weights: 
     real = {n: sum(s["real_tokens"][n] for s in per_part) for n in names}
     padded = {n: sum(s["padded_tokens"][n] for s in per_part) for n in names}
     quarantined_nan = sum(s["quarantined_nan"] for s in per_part)
-    summary = teacher_score_analysis(cfg.out, names, part_uris, cfg.histogram_bins)
+    summary = _analysis(cfg, names, part_uris, n_triples)
     loads = model_loads(loads_uri, names)
     all_runs = storage.join(cfg.out, "_work", "model_loads")
     loads_all = {n: sum(model_loads(storage.join(all_runs, r), [n])[n] for r in storage.listdir(all_runs))
