@@ -50,6 +50,9 @@ LAYOUTS = ("bert_cat", "colbert", "prettr")
 ENCODER_CONFIG = "encoder_config.json"  # optional: the base encoder's config beside the released weights
 DEFAULT_QUERY_MASKS = 8
 DEFAULT_JOIN_LAYER = 3
+#: each layout's scoring head: the weights a teacher must have
+HEADS = {"bert_cat": ["_classification_layer.weight", "_classification_layer.bias"],
+         "colbert": ["compressor.weight", "compressor.bias"], "prettr": ["_classification_layer.weight"]}
 
 
 def _read_config(path: str) -> dict:
@@ -270,15 +273,14 @@ def load_released(path: str, query_max_length: int | None = None, passage_max_le
         model = ReleasedPreTTR(DistilBertModel(DistilBertConfig(**fields)), tokenizer,
                                cfg.get("join_layer_idx", DEFAULT_JOIN_LAYER), qlen, plen, masks)
         state = {("encoder." + k if not k.startswith("_classification_layer") else k): v for k, v in state.items()}
-        _load_into(model, state, path, require_head, ["_classification_layer.weight"])
+        _load_into(model, state, path, require_head, HEADS["prettr"])
     else:
         encoder = AutoModel.from_config(_encoder_config(path, cfg))
         if layout == "bert_cat":
             model = ReleasedBertCat(encoder, tokenizer, qlen, plen)
-            head = ["_classification_layer.weight", "_classification_layer.bias"]
         else:
             model = ReleasedColBERT(encoder, tokenizer, cfg.get("compression_dim", 768), qlen, plen, masks)
-            head = ["compressor.weight", "compressor.bias"]
+        head = HEADS[layout]
         state = dict(state)
         if not (layout == "bert_cat" and not model.cls_vector):
             # a pooler the model code never uses may be absent from the weights

@@ -191,15 +191,7 @@ class LLMReranker(torch.nn.Module):
         return [a, first, b, second, c]
 
     def _token_id(self, token: str) -> int:
-        tok = self.tokenizer
-        ids = tok.encode(token, add_special_tokens=False)
-        if len(ids) == 1:
-            return int(ids[0])
-        tid = tok.convert_tokens_to_ids(token)
-        if tid is None or tid == tok.unk_token_id:
-            raise UserError(f"LLM teacher: {token!r} is not one token of its tokenizer (it encodes to {ids}); give "
-                            f"answer tokens that are single tokens")
-        return int(tid)
+        return answer_token_id(self.tokenizer, token)
 
     def tokenize_unpadded(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, list[list[int]]]:
         if len(queries) != len(passages):
@@ -221,28 +213,62 @@ class LLMReranker(torch.nn.Module):
         return last[:, self.yes_id] - last[:, self.no_id]
 
 
+def answer_token_id(tokenizer: Any, token: str) -> int:
+    """The id of an LLM teacher's answer ``token``, which must be one token of ``tokenizer``."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise UserError(f"LLM teacher: {token!r} is not one token of its tokenizer (it encodes to {ids}); give "
+                        f"answer tokens that are single tokens")
+    return int(tid)
+
+
 class LLMScorer(TokenizerScorer):
     padding_side = "left"
 
 
-def _load_llm(path: str, qlen: int | None, plen: int | None, template: str | None, yes_token: str | None,
-              no_token: str | None) -> LLMScorer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _llm_settings(path: str, qlen: int | None, plen: int | None, template: str | None, yes_token: str | None,
+                  no_token: str | None) -> dict:
+    """An LLM teacher's prompt and lengths: the arguments, else its ``raykd_llm.json``, else the defaults."""
     saved = {}
     if os.path.isfile(os.path.join(path, LLM_CONFIG)):
         with open(os.path.join(path, LLM_CONFIG)) as f:
             saved = json.load(f)
+    for name, value in (("template", template), ("yes_token", yes_token), ("no_token", no_token)):
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"LLM teacher {path}: {name} must be a string, got {value!r} (on the command line, "
+                            f"quote a value that YAML would read otherwise: {name}='\"...\"')")
+    return {"template": template or saved.get("template", QWEN3_RERANKER_TEMPLATE),
+            "yes_token": yes_token or saved.get("yes_token", DEFAULT_YES),
+            "no_token": no_token or saved.get("no_token", DEFAULT_NO),
+            "query_max_length": qlen or saved.get("query_max_length", 30),
+            "passage_max_length": plen or saved.get("passage_max_length", 200)}
+
+
+def _llm_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of LLM teacher {path!r}: {e}") from None
+
+
+def _load_llm(path: str, qlen: int | None, plen: int | None, template: str | None, yes_token: str | None,
+              no_token: str | None) -> LLMScorer:
+    from transformers import AutoModelForCausalLM
+
+    settings = _llm_settings(path, qlen, plen, template, yes_token, no_token)
+    tokenizer = _llm_tokenizer(path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # bf16 on GPU
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load LLM teacher {path!r} as AutoModelForCausalLM: {e}") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reranker = LLMReranker(model, tokenizer, template or saved.get("template", QWEN3_RERANKER_TEMPLATE),
-                           yes_token or saved.get("yes_token", DEFAULT_YES), no_token or saved.get("no_token", DEFAULT_NO),
-                           qlen or saved.get("query_max_length", 30), plen or saved.get("passage_max_length", 200))
+    reranker = LLMReranker(model, tokenizer, **settings)
     return LLMScorer("llm", path, reranker.eval(), pad or 0)
 
 
@@ -373,7 +399,7 @@ def load_teacher(spec: TeacherSpec | str, query_max_length: int | None = None, p
     the corpus whose statistics a bm25 teacher uses. ``pooling``/``normalize``: a plain HF bi-encoder's.
     ``template``/``yes_token``/``no_token``: an LLM's (else its ``raykd_llm.json``, else Qwen3-Reranker's)."""
     from raykd.models import registry
-    from raykd.models.released import load_released, released_layout
+    from raykd.models.released import load_released
 
     spec = parse_teacher(spec) if isinstance(spec, str) else spec
     qlen, plen = query_max_length, passage_max_length
@@ -382,41 +408,123 @@ def load_teacher(spec: TeacherSpec | str, query_max_length: int | None = None, p
     path = _local(spec.path)
     if spec.kind == "llm":
         return _load_llm(path, qlen, plen, template, yes_token, no_token)
-    layout = released_layout(path)
-    want = {"cat": "bert_cat", "colbert": "colbert", "prettr": "prettr"}.get(spec.kind)
+    layout, saved = _folder_kind(spec, path)
     if layout is not None:
-        if layout != want:
-            raise UserError(f"teacher {spec}: the folder holds a released {layout} checkpoint; give "
-                            f"`{ {'bert_cat': 'cat'}.get(layout, layout)}:{spec.path}`")
         model = load_released(path, qlen, plen, require_head=True)
         return TokenizerScorer(spec.kind, path, model, model.tokenizer.pad_token_id or 0)
-    saved = registry.saved_kind(path) if os.path.isdir(path) else None
     if spec.kind == "cat":
         from raykd.models.cross_encoder import CrossEncoder
 
         model = CrossEncoder.from_pretrained(path, qlen, plen, attn_implementation="sdpa", require_head=True)
         return TokenizerScorer("cat", path, model.eval(), model.tokenizer.pad_token_id or 0)
     opts = {"query_max_length": qlen, "passage_max_length": plen}
+    if spec.kind == "dot" and saved is None:
+        st = _st_pooling(path) if os.path.isdir(path) else {}
+        opts.update(pooling=pooling or st.get("pooling"),
+                    normalize=normalize if normalize is not None else st.get("normalize"))
+    model = registry.load_encoder(path, **opts) if spec.kind == "dot" else registry.load_scorer(path, **opts)
+    return StudentScorer(spec.kind, path, model.eval(), model.tokenizer.pad_token_id or 0)
+
+
+def _folder_kind(spec: TeacherSpec, path: str) -> tuple[str | None, str | None]:
+    """(released layout, raykd saved kind) of the folder of a non-bm25, non-llm teacher, refusing a folder of
+    another kind and a raykd student whose scoring head's file is missing (no weights are read)."""
+    from raykd.models import registry
+    from raykd.models.released import released_layout
+
+    layout = released_layout(path)
+    want = {"cat": "bert_cat", "colbert": "colbert", "prettr": "prettr"}.get(spec.kind)
+    if layout is not None:
+        if layout != want:
+            raise UserError(f"teacher {spec}: the folder holds a released {layout} checkpoint; give "
+                            f"`{ {'bert_cat': 'cat'}.get(layout, layout)}:{spec.path}`")
+        return layout, None
+    saved = registry.saved_kind(path) if os.path.isdir(path) else None
+    if spec.kind == "cat":
+        return None, saved
     if spec.kind == "dot":
         if saved not in (None, "bert_dot", "tct"):
             raise UserError(f"teacher {spec}: the folder holds a raykd {saved!r} model, not a bi-encoder")
-        if saved is None:
-            st = _st_pooling(path) if os.path.isdir(path) else {}
-            opts.update(pooling=pooling or st.get("pooling"),
-                        normalize=normalize if normalize is not None else st.get("normalize"))
-        model = registry.load_encoder(path, **opts)
-    else:
-        kind = spec.kind
-        if saved != kind:
-            raise UserError(f"teacher {spec}: not a trained raykd {kind} model (its folder says "
-                            f"{saved or 'no raykd kind'}){' nor a released checkpoint' if want else ''}")
-        if kind == "colbert":
-            from raykd.models.colbert import LINEAR_FILE
+        return None, saved
+    if saved != spec.kind:
+        raise UserError(f"teacher {spec}: not a trained raykd {spec.kind} model (its folder says "
+                        f"{saved or 'no raykd kind'}){' nor a released checkpoint' if want else ''}")
+    if spec.kind == "colbert":
+        from raykd.models.colbert import LINEAR_FILE
 
-            _require_head_file(path, LINEAR_FILE, "ColBERT's projection")
-        elif kind == "prettr":
-            from raykd.models.prettr import HEAD_FILE
+        _require_head_file(path, LINEAR_FILE, "ColBERT's projection")
+    elif spec.kind == "prettr":
+        from raykd.models.prettr import HEAD_FILE
 
-            _require_head_file(path, HEAD_FILE, "PreTTR's scoring layer")
-        model = registry.load_scorer(path, **opts)
-    return StudentScorer(spec.kind, path, model.eval(), model.tokenizer.pad_token_id or 0)
+        _require_head_file(path, HEAD_FILE, "PreTTR's scoring layer")
+    return None, saved
+
+
+def check_teacher(spec: TeacherSpec | str, query_max_length: int | None = None,
+                  passage_max_length: int | None = None, *, store: str | None = None,
+                  corpus: Sequence[str] | None = None, template: str | None = None, yes_token: str | None = None,
+                  no_token: str | None = None, **_: Any) -> None:
+    """Refuse, without loading any weights, what :func:`load_teacher` would refuse: a missing folder, a folder of
+    another kind, a checkpoint whose scoring weights are missing (a teacher must be a teacher; the message names
+    the folder and the weights), a bm25 teacher without a corpus, an LLM prompt without ``{query}``/``{passage}``
+    or answers that are not single tokens. What a hub name holds is checked when it is loaded."""
+    from raykd.models.cross_encoder import (
+        CrossEncoderTokenizer,
+        _checkpoint_keys,
+        missing_teacher_weights,
+        no_head_message,
+    )
+    from raykd.models.released import HEADS
+
+    spec = parse_teacher(spec) if isinstance(spec, str) else spec
+    if spec.kind == "bm25":
+        if not store and corpus is None:
+            raise UserError("a bm25 teacher needs the text store whose corpus statistics it scores with")
+        return
+    path = _local(spec.path)
+    if spec.kind == "llm":
+        settings = _llm_settings(path, query_max_length, passage_max_length, template, yes_token, no_token)
+        LLMReranker._split(settings["template"])
+        tokenizer = _llm_tokenizer(path)
+        for answer in ("yes_token", "no_token"):
+            answer_token_id(tokenizer, settings[answer])
+        return
+    layout, _ = _folder_kind(spec, path)
+    if layout is not None:
+        missing = [k for k in HEADS[layout] if k not in (_checkpoint_keys(path) or ())]
+        if missing:
+            raise UserError(f"teacher {path} has no trained scoring head: its weights lack {', '.join(missing)}. "
+                            f"A teacher's scores would come from a random layer")
+    elif spec.kind == "cat":
+        CrossEncoderTokenizer.from_pretrained(path, query_max_length, passage_max_length)
+        missing = missing_teacher_weights(path)
+        if missing:
+            raise UserError(no_head_message(spec.path, missing))
+
+
+#: the load options (:func:`load_teacher`'s keyword arguments) each kind takes from ``--teacher-option``
+KIND_OPTIONS = {"dot": ("pooling", "normalize"), "llm": ("template", "yes_token", "no_token")}
+
+
+def teacher_options(specs: Sequence[TeacherSpec], names: Sequence[str], options: dict[str, Any],
+                    store: str | None = None) -> list[dict[str, Any]]:
+    """Each teacher's :func:`load_teacher` options from ``KEY=VALUE`` options given once for the ensemble: a
+    ``KEY`` goes to every teacher whose kind takes it (:data:`KIND_OPTIONS`), ``NAME.KEY`` to the teacher
+    ``NAME`` only; a bm25 teacher gets ``store``. A key no teacher takes is refused."""
+    out: list[dict[str, Any]] = [{"store": store} if s.kind == "bm25" else {} for s in specs]
+    known = sorted({k for ks in KIND_OPTIONS.values() for k in ks})
+    for key, value in (options or {}).items():
+        who, dot, opt = str(key).rpartition(".")
+        if opt not in known:
+            raise UserError(f"unknown teacher option {key!r}; known: {', '.join(known)} (as KEY or TEACHER.KEY)")
+        if dot and who not in names:
+            raise UserError(f"teacher option {key!r}: no teacher is named {who!r}; teachers: {', '.join(names)}")
+        took = [i for i, (s, n) in enumerate(zip(specs, names)) if (not dot or n == who)
+                and opt in KIND_OPTIONS.get(s.kind, ())]
+        if not took:
+            kinds = [k for k, ks in KIND_OPTIONS.items() if opt in ks]
+            raise UserError(f"teacher option {key!r} applies to {' / '.join(kinds)} teachers, and "
+                            f"{'teacher ' + who + ' is not one' if dot else 'none is given'}")
+        for i in took:
+            out[i][opt] = value
+    return out

@@ -77,11 +77,12 @@ def _feature_array(key: str, rows: list) -> pa.Array:
 class TokenizePairs:
     """One scorer's tokenizer over (query, passage) -> its feature columns (:func:`feature_column`)."""
 
-    def __init__(self, scorer: str, spec: str, query_max_length: int | None, passage_max_length: int | None):
+    def __init__(self, scorer: str, spec: str, query_max_length: int | None, passage_max_length: int | None,
+                 options: dict | None = None):
         from raykd.models.teachers import load_pair_tokenizer
 
         self.scorer = scorer
-        self.tok = load_pair_tokenizer(spec, query_max_length, passage_max_length)
+        self.tok = load_pair_tokenizer(spec, query_max_length, passage_max_length, **(options or {}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         enc = self.tok.tokenize_unpadded(batch["query"].to_pylist(), batch["passage"].to_pylist())
@@ -95,25 +96,26 @@ class TokenizePairs:
 _TOKENIZERS: dict = {}
 
 
-def _tokenizer(scorer: str, spec: str, qlen: int | None, plen: int | None) -> TokenizePairs:
-    key = (scorer, spec, qlen, plen)
+def _tokenizer(scorer: str, spec: str, qlen: int | None, plen: int | None, options: dict | None) -> TokenizePairs:
+    key = (scorer, spec, qlen, plen, json.dumps(options or {}, sort_keys=True, default=str))
     if key not in _TOKENIZERS:  # a task worker process is reused: load each tokenizer once per process
-        _TOKENIZERS[key] = TokenizePairs(scorer, spec, qlen, plen)
+        _TOKENIZERS[key] = TokenizePairs(scorer, spec, qlen, plen, options)
     return _TOKENIZERS[key]
 
 
 def tokenize_pairs(batch: pa.Table, teacher: str, path: str, query_max_length: int | None,
-                   passage_max_length: int | None) -> pa.Table:
-    """One scorer's features for the block (``path``: its spec)."""
-    return _tokenizer(teacher, path, query_max_length, passage_max_length)(batch)
+                   passage_max_length: int | None, options: dict | None = None) -> pa.Table:
+    """One scorer's features for the block (``path``: its spec; ``options``: its load options)."""
+    return _tokenizer(teacher, path, query_max_length, passage_max_length, options)(batch)
 
 
 def tokenize_scorers(batch: pa.Table, teachers: list[tuple[str, str]], query_max_length: int | None,
-                     passage_max_length: int | None) -> pa.Table:
+                     passage_max_length: int | None, load_options: dict[str, dict] | None = None) -> pa.Table:
     """Task body: every scorer's features for the block (each keeps its own tokenizer); the texts are dropped,
     the actors need only the features."""
     for name, spec in teachers:
-        batch = tokenize_pairs(batch, name, spec, query_max_length, passage_max_length)
+        batch = tokenize_pairs(batch, name, spec, query_max_length, passage_max_length,
+                               (load_options or {}).get(name))
     return batch.drop_columns(["query", "passage"])
 
 
@@ -149,17 +151,18 @@ class TeacherScorer:
 
 class EnsembleScorer:
     """Actor body: every scorer, each loaded once for the actor's life (a load is recorded under ``loads_uri``),
-    and each block scored by all of them in turn."""
+    and each block scored by all of them in turn. ``load_options``: scorer name -> its :func:`load_teacher`
+    options (a bm25 scorer's ``store``, an LLM's ``template``, ...)."""
 
     def __init__(self, teachers: list[tuple[str, str]], query_max_length: int | None, passage_max_length: int | None,
                  batch_size: int, torch_threads: int = 1, loads_uri: str | None = None,
-                 load_options: dict | None = None):
+                 load_options: dict[str, dict] | None = None):
         self.actor = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.scorers = []
         for name, path in teachers:
             t0 = time.time()
             self.scorers.append(TeacherScorer(name, path, query_max_length, passage_max_length, batch_size,
-                                              torch_threads, load_options))
+                                              torch_threads, (load_options or {}).get(name)))
             if loads_uri:
                 record = {"teacher": name, "path": path, "actor": self.actor, "pid": os.getpid(),
                           "load_s": round(time.time() - t0, 3), "loaded_at": time.time()}
@@ -182,16 +185,18 @@ def model_loads(loads_uri: str, names: list[str]) -> dict[str, int]:
 def scored(ds: Any, teachers: list[tuple[str, str]], passages: Any, queries: Any, *, query_max_length: int | None,
            passage_max_length: int | None, batch_size: int, block_pairs: int, min_actors: int, max_actors: int,
            gpus_per_actor: float, cpus_per_actor: float, actor_resources: dict | None, cpus_per_task: float,
-           torch_threads: int, loads_uri: str | None = None, load_options: dict | None = None) -> Any:
+           torch_threads: int, loads_uri: str | None = None, load_options: dict[str, dict] | None = None) -> Any:
     """``ds`` (rows with ``qid`` and ``pid``) with every scorer's ``score__<t>``, ``len__<t>`` and ``padlen__<t>``
     added (the module docstring's steps); the other columns pass through. ``block_pairs``: the most rows a block
-    holds (the actors take batches of that size)."""
+    holds (the actors take batches of that size). ``load_options``: scorer name -> its load options, for
+    tokenising and scoring alike."""
     import ray.data
 
     task = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": cpus_per_task}
     ds = ds.map_batches(attach_texts, fn_kwargs={"passages": passages, "queries": queries}, **task)
     ds = ds.map_batches(tokenize_scorers, fn_kwargs={"teachers": teachers, "query_max_length": query_max_length,
-                                                     "passage_max_length": passage_max_length}, **task)
+                                                     "passage_max_length": passage_max_length,
+                                                     "load_options": load_options}, **task)
     remote: dict[str, Any] = {"num_gpus": gpus_per_actor} if gpus_per_actor else {}
     if actor_resources:
         remote["resources"] = dict(actor_resources)

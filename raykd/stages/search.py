@@ -522,7 +522,7 @@ def rerank_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict,
             passage_max_length=None, batch_size=cfg.batch_size, block_pairs=max(expected.values()), min_actors=1,
             max_actors=pool["actors"], gpus_per_actor=pool["gpus_per_actor"], cpus_per_actor=pool["cpus_per_actor"],
             actor_resources=None, cpus_per_task=cfg.rerank_task_cpus, torch_threads=pool["torch_threads"],
-            load_options={"store": cfg.data} if spec.startswith("bm25") else None)
+            load_options={"rerank": {"store": cfg.data}} if spec.startswith("bm25") else None)
         ds = ds.select_columns(["block", "qid", "query_id", "pid", "doc_id", "score__rerank"])
         gathered: dict[int, list[pa.Table]] = {}
         written: set[int] = set()
