@@ -97,17 +97,32 @@ def ensemble(scores: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
     return (acc / w.sum()).astype(np.float32)
 
 
+def normalized_ensemble(scores: dict[str, np.ndarray], weights: Sequence[float], normalization: str = "none",
+                        stats: dict | None = None) -> np.ndarray:
+    """:func:`ensemble` of the raw scores (``none``), else :func:`raykd.ensemble.ensemble` of the scores
+    normalised with the run's ``stats`` (teacher -> ScoreStats); float32."""
+    if normalization == "none":
+        return ensemble(list(scores.values()), weights)
+    from raykd.ensemble import ensemble as normalized
+
+    return normalized(scores, weights, normalization, stats)
+
+
 def make_table(
     qid: np.ndarray,
     pos_pid: np.ndarray,
     neg_pid: np.ndarray,
     teacher_scores: dict[str, tuple[np.ndarray, np.ndarray]],
     weights: Sequence[float],
+    normalization: str = "none",
+    stats: dict | None = None,
 ) -> pa.Table:
-    """A parts table from keys and ``{teacher: (pos_scores, neg_scores)}`` (ensemble and margin computed)."""
+    """A parts table from keys and ``{teacher: (pos_scores, neg_scores)}`` (ensemble and margin computed; the
+    ensemble of normalised scores when ``normalization`` is not ``none``, with ``stats``: teacher ->
+    :class:`raykd.ensemble.ScoreStats` of the run). The per-teacher columns keep the raw scores."""
     teachers = list(teacher_scores)
-    pos = ensemble([teacher_scores[t][0] for t in teachers], weights)
-    neg = ensemble([teacher_scores[t][1] for t in teachers], weights)
+    pos = normalized_ensemble({t: teacher_scores[t][0] for t in teachers}, weights, normalization, stats)
+    neg = normalized_ensemble({t: teacher_scores[t][1] for t in teachers}, weights, normalization, stats)
     cols = {
         "qid": np.asarray(qid, np.int64),
         "pos_pid": np.asarray(pos_pid, np.int64),

@@ -1,6 +1,7 @@
 """Analysis: the per-teacher (and ensemble) score distributions of a finished scoring, as the paper's analysis
 of teacher output ranges: ``analysis/teacher_scores.json`` (count, mean, std, min, max, percentiles of
-positive, negative, all and margin) and ``analysis/teacher_scores.png`` (histograms)."""
+positive, negative, all and margin) and ``analysis/teacher_scores.png`` (histograms); with a normalised
+ensemble, each teacher before and after normalisation. Ray-free: the stage runs it in a Ray task."""
 
 from __future__ import annotations
 
@@ -35,31 +36,58 @@ def analysis_memory(n_triples: int, n_teachers: int) -> int:
     return n_triples * (4 * (3 + 2 * n_teachers) + 64) + (512 << 20)
 
 
-def teacher_score_analysis(out: str, names: list[str], part_uris: list[str], bins: int) -> dict:
-    """Per-teacher (and ensemble) score summaries, and a histogram PNG, into ``out/analysis/``."""
+def _series_summary(ps: np.ndarray, ns: np.ndarray) -> dict:
+    return {"pos": summarize(ps), "neg": summarize(ns), "all": summarize(np.concatenate([ps, ns])),
+            "margin": summarize(ps - ns)}
+
+
+def _histogram(ax, ps: np.ndarray, ns: np.ndarray, bins: int, title: str, xlabel: str) -> None:
+    lo, hi = float(min(ps.min(), ns.min())), float(max(ps.max(), ns.max()))
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+    ax.hist(ps, bins=edges, alpha=0.6, label="positive")
+    ax.hist(ns, bins=edges, alpha=0.6, label="negative")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+
+
+def teacher_score_analysis(out: str, names: list[str], part_uris: list[str], bins: int, normalization: str = "none",
+                           stats: dict[str, dict] | None = None) -> dict:
+    """Per-teacher (and ensemble) score summaries, and a histogram PNG, into ``out/analysis/``. With a
+    ``normalization`` other than ``none`` (and the run's ``stats`` per teacher, ScoreStats dicts) each teacher is
+    also summarised (``<teacher>.normalized``) and drawn after normalisation: a second row of histograms on the
+    scale the ensemble averages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from raykd.ensemble import ScoreStats, normalize
 
     cols = ["pos_score", "neg_score", "margin"] + [fmt.teacher_column(s, n) for n in names for s in ("pos", "neg")]
     t = pa.concat_tables([storage.read_parquet(u, columns=cols) for u in part_uris])
     summary: dict = {}
     series = [(n, fmt.teacher_column("pos", n), fmt.teacher_column("neg", n)) for n in names]
     series.append(("ensemble", "pos_score", "neg_score"))
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
-    for ax, (n, pc_, nc_) in zip(axes[0], series):
+    normalized = normalization != "none" and stats is not None
+    rows = 2 if normalized else 1
+    fig, axes = plt.subplots(rows, len(series), figsize=(4.2 * len(series), 3.2 * rows), squeeze=False)
+    for i, (n, pc_, nc_) in enumerate(series):
         ps = t[pc_].to_numpy(zero_copy_only=False)
         ns = t[nc_].to_numpy(zero_copy_only=False)
-        summary[n] = {"pos": summarize(ps), "neg": summarize(ns), "all": summarize(np.concatenate([ps, ns])),
-                      "margin": summarize(ps - ns)}
-        lo, hi = float(min(ps.min(), ns.min())), float(max(ps.max(), ns.max()))
-        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-        ax.hist(ps, bins=edges, alpha=0.6, label="positive")
-        ax.hist(ns, bins=edges, alpha=0.6, label="negative")
-        ax.set_title(n)
-        ax.set_xlabel("score")
-        ax.legend(fontsize=7)
+        summary[n] = _series_summary(ps, ns)
+        raw_label = "score" if n == "ensemble" or not normalized else "raw score"
+        _histogram(axes[0][i], ps, ns, bins, n if n != "ensemble" or not normalized else f"ensemble ({normalization})",
+                   raw_label)
+        if normalized and n != "ensemble":
+            st = ScoreStats.from_dict(stats[n])
+            zp, zn = normalize(ps, st, normalization), normalize(ns, st, normalization)
+            summary[n]["normalized"] = _series_summary(zp, zn)
+            _histogram(axes[1][i], zp, zn, bins, f"{n} ({normalization})", f"{normalization} score")
+    if normalized:
+        axes[1][-1].axis("off")  # the ensemble is already on the normalised scale (top row)
+        for row in axes:
+            row[0].set_ylabel("pairs in triples")
     axes[0][0].set_ylabel("pairs in triples")
     fig.tight_layout()
     buf = io.BytesIO()

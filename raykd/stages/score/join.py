@@ -9,6 +9,13 @@ triples, attaches pos/neg score per teacher, computes the weighted-mean ensemble
 Its work statistics go in the part's Parquet footer, so the manifest sums them over parts whichever run wrote
 them. A part's pair scores are written before the part, so a committed part always has them.
 Because the qid hash put all pairs of a query in one part, each part's join is independent of the others.
+
+A normalised ensemble (``normalization`` zscore or minmax) needs every teacher's statistics over all the run's
+pairs before any part's ensemble can be computed, so its join has two passes: :func:`stage_part` (as each part
+completes) checks the part's scores (strict mode refuses a NaN here, early) and keeps its raw pair scores with
+their :class:`~raykd.ensemble.ScoreStats` per teacher in the footer (``_work/raw_pairs/part-NNNNN.parquet``);
+once every part has them, the driver merges the statistics (:func:`run_stats`, in plan order, so a resumed run
+gets the same floats) and :func:`join_part` commits each part from its raw pair scores with them.
 """
 
 from __future__ import annotations
@@ -21,12 +28,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raykd import storage
+from raykd.ensemble import ScoreStats
 from raykd.errors import UserError
 from raykd.formats import scores as fmt
 from raykd.stages.score.plan import partition_unique, triples_uri
 
 STATS_KEY = b"raykd.score.stats"
 PAIR_SCORES = "pair_scores"  # the folder of unique pair scores in a score output
+RAW_PAIRS = "raw_pairs"  # _work/raw_pairs/: a normalised run's scored pairs, before the join
+
+
+def raw_pairs_uri(out: str, p: int) -> str:
+    return storage.join(out, "_work", RAW_PAIRS, fmt.part_name(p))
 
 
 class PartGather:
@@ -68,34 +81,49 @@ def _first_per_pair(t: pa.Table) -> pa.Table:
     return t.take(pa.array(index))
 
 
-def pair_score_table(pair_scores: pa.Table, names: list[str], weights: list[float]) -> pa.Table:
+def _finite_pairs(pair_scores: pa.Table, names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each teacher's float32 pair scores, and which pairs every teacher scored finite."""
+    per = {n: pair_scores[f"score__{n}"].to_numpy(zero_copy_only=False).astype(np.float32) for n in names}
+    return per, np.logical_and.reduce([np.isfinite(v) for v in per.values()])
+
+
+def teacher_stats(pair_scores: pa.Table, names: list[str]) -> dict[str, dict]:
+    """Each teacher's :class:`~raykd.ensemble.ScoreStats` (as a dict) over a part's unique pairs that every
+    teacher scored finite: the pairs :func:`pair_score_table` keeps."""
+    per, ok = _finite_pairs(pair_scores, names)
+    return {n: ScoreStats.of(per[n][ok]).to_dict() for n in names}
+
+
+def run_stats(per_part: list[dict], names: list[str]) -> dict[str, ScoreStats]:
+    """The run's statistics per teacher: the parts' ``score_stats`` merged in the order given."""
+    out = {n: ScoreStats() for n in names}
+    for s in per_part:
+        for n in names:
+            out[n] = out[n].merge(ScoreStats.from_dict(s["score_stats"][n]))
+    return out
+
+
+def pair_score_table(pair_scores: pa.Table, names: list[str], weights: list[float], normalization: str = "none",
+                     stats: dict[str, ScoreStats] | None = None) -> pa.Table:
     """A part's unique (qid, pid) pairs with the ensemble's ``score`` and each teacher's ``score__<t>``
-    (float32), sorted by (qid, pid): :mod:`raykd.formats.pair_scores`, so groups of any size drawn from these
+    (float32, raw), sorted by (qid, pid): :mod:`raykd.formats.pair_scores`, so groups of any size drawn from these
     pairs train without scoring again. A pair that a teacher scored NaN/inf is left out (its triples are
     refused or quarantined by :func:`join_part`)."""
-    per = {n: pair_scores[f"score__{n}"].to_numpy(zero_copy_only=False).astype(np.float32) for n in names}
-    ok = np.logical_and.reduce([np.isfinite(v) for v in per.values()])
+    per, ok = _finite_pairs(pair_scores, names)
     qid = pair_scores["qid"].to_numpy()[ok]
     pid = pair_scores["pid"].to_numpy()[ok]
     order = np.lexsort((pid, qid))
     cols = {"qid": qid[order].astype(np.int64), "pid": pid[order].astype(np.int64),
-            "score": fmt.ensemble([per[n][ok][order] for n in names], weights)}
+            "score": fmt.normalized_ensemble({n: per[n][ok][order] for n in names}, weights, normalization, stats)}
     cols.update({f"score__{n}": per[n][ok][order] for n in names})
     return pa.table(cols)
 
 
-def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p: int,
-              pair_scores: pa.Table, write_pair_scores: bool = True) -> dict:
-    """Task body (module docstring): join part ``p``'s pair scores to its triples, check them, write the part
-    (atomically) and return its statistics (also stored in the part's footer)."""
-    part_uri = storage.join(out, "parts", fmt.part_name(p))
-    if storage.exists(part_uri):  # a retried task whose first attempt committed: a part is written once
-        return part_stats(part_uri)
-    triples = storage.read_parquet(triples_uri(out, p))
-    mine = pair_scores
-    t = triples
+def _joined(out: str, names: list[str], p: int, pair_scores: pa.Table):
+    """Part ``p``'s triples with pos/neg scores per teacher: (table, {teacher: (pos, neg)}, non-finite mask)."""
+    t = storage.read_parquet(triples_uri(out, p))
     for side in ("pos", "neg"):
-        right = mine.select(["qid", "pid"] + [f"score__{n}" for n in names]).rename_columns(
+        right = pair_scores.select(["qid", "pid"] + [f"score__{n}" for n in names]).rename_columns(
             ["qid", f"{side}_pid"] + [f"{side}__{n}" for n in names]
         )
         t = t.join(right, keys=["qid", f"{side}_pid"], join_type="left outer")
@@ -107,16 +135,57 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
         ns = t[f"neg__{n}"].to_numpy(zero_copy_only=False).astype(np.float32)
         teacher_scores[n] = (ps, ns)
         nan |= ~np.isfinite(ps) | ~np.isfinite(ns)
+    return t, teacher_scores, nan
+
+
+def _nan_teachers(teacher_scores: dict, i: int) -> list[str]:
+    return [n for n, (ps, ns) in teacher_scores.items() if not (np.isfinite(ps[i]) and np.isfinite(ns[i]))]
+
+
+def _refuse_nan(t: pa.Table, teacher_scores: dict, nan: np.ndarray, p: int) -> None:
+    """Strict mode: a non-finite score fails the run, naming the teacher and the first affected triple."""
+    if not nan.any():
+        return
+    i = int(np.flatnonzero(nan)[0])
+    key = (t["qid"][i].as_py(), t["pos_pid"][i].as_py(), t["neg_pid"][i].as_py())
+    raise UserError(
+        f"teacher(s) {', '.join(_nan_teachers(teacher_scores, i))} gave a NaN/inf score for triple {key} (triples "
+        f"row {t['row'][i].as_py()}); {int(nan.sum())} triple(s) in part {p} are affected. Pass --lenient to "
+        f"quarantine them."
+    )
+
+
+def stage_part(out: str, names: list[str], lenient: bool, p: int, pair_scores: pa.Table) -> dict:
+    """Task body, first pass of a normalised run (module docstring): refuse non-finite scores (strict), then
+    keep part ``p``'s raw pair scores, their statistics per teacher in the footer; returns those statistics."""
+    uri = raw_pairs_uri(out, p)
+    if storage.exists(uri):  # a retried task whose first attempt wrote it
+        return part_stats(uri)
+    if not lenient:
+        _refuse_nan(*_joined(out, names, p, pair_scores), p)
+    stats = {"unique_pairs": pair_scores.num_rows, "score_stats": teacher_stats(pair_scores, names)}
+    storage.write_parquet_atomic(pair_scores.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()}), uri)
+    return stats
+
+
+def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p: int,
+              pair_scores: pa.Table | None, write_pair_scores: bool = True, normalization: str = "none",
+              stats: dict[str, dict] | None = None) -> dict:
+    """Task body (module docstring): join part ``p``'s pair scores (None: its raw pair scores kept by
+    :func:`stage_part`) to its triples, check them, write the part (atomically) and return its statistics
+    (also stored in the part's footer). ``stats``: the run's statistics per teacher (ScoreStats dicts), which
+    a ``normalization`` other than ``none`` puts each teacher's scores on the ensemble's scale with."""
+    part_uri = storage.join(out, "parts", fmt.part_name(p))
+    if storage.exists(part_uri):  # a retried task whose first attempt committed: a part is written once
+        return part_stats(part_uri)
+    mine = storage.read_parquet(raw_pairs_uri(out, p)) if pair_scores is None else pair_scores
+    run = {n: ScoreStats.from_dict(s) for n, s in stats.items()} if stats else None
+    t, teacher_scores, nan = _joined(out, names, p, mine)
     n_nan = int(nan.sum())
     if n_nan:
-        i = int(np.flatnonzero(nan)[0])
-        who = [n for n in names if not (np.isfinite(teacher_scores[n][0][i]) and np.isfinite(teacher_scores[n][1][i]))]
-        key = (t["qid"][i].as_py(), t["pos_pid"][i].as_py(), t["neg_pid"][i].as_py())
         if not lenient:
-            raise UserError(
-                f"teacher(s) {', '.join(who)} gave a NaN/inf score for triple {key} (triples row "
-                f"{t['row'][i].as_py()}); {n_nan} triple(s) in part {p} are affected. Pass --lenient to quarantine them."
-            )
+            _refuse_nan(t, teacher_scores, nan, p)
+        who = _nan_teachers(teacher_scores, int(np.flatnonzero(nan)[0]))
         q = t.filter(pa.array(nan)).select(["qid", "pos_pid", "neg_pid", "row"])
         q = q.append_column("reason", pa.array([f"non-finite score ({', '.join(who)}…)"] * q.num_rows))
         storage.write_parquet_atomic(q.cast(fmt.QUARANTINE_SCHEMA),
@@ -124,7 +193,7 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
         t = t.filter(pa.array(~nan))
         teacher_scores = {n: (s[0][~nan], s[1][~nan]) for n, s in teacher_scores.items()}
     table = fmt.make_table(t["qid"].to_numpy(), t["pos_pid"].to_numpy(), t["neg_pid"].to_numpy(),
-                           teacher_scores, weights)
+                           teacher_scores, weights, normalization, run)
     stats = {
         "triples": table.num_rows,
         "quarantined_nan": n_nan,
@@ -132,9 +201,10 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
         "forward_passes": {n: int(mine.num_rows) for n in names},
         "real_tokens": {n: int(pc.sum(mine[f"len__{n}"]).as_py() or 0) for n in names},
         "padded_tokens": {n: int(pc.sum(mine[f"padlen__{n}"]).as_py() or 0) for n in names},
+        "score_stats": teacher_stats(mine, names),
     }
     if write_pair_scores:
-        pairs = pair_score_table(mine, names, weights)
+        pairs = pair_score_table(mine, names, weights, normalization, run)
         storage.write_parquet_atomic(pairs, storage.join(out, PAIR_SCORES, fmt.part_name(p)))
         stats["pair_scores"] = pairs.num_rows
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
@@ -143,7 +213,7 @@ def join_part(out: str, names: list[str], weights: list[float], lenient: bool, p
 
 
 def part_stats(uri: str) -> dict:
-    """The work statistics :func:`join_part` put in a committed part's footer."""
+    """The work statistics :func:`join_part` (or :func:`stage_part`) put in a part's footer."""
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:
         meta = pq.read_schema(f).metadata or {}

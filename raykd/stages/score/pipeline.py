@@ -8,6 +8,7 @@ long-lived pool of ensemble actors (the steps after the read are :mod:`raykd.sta
                              :mod:`raykd.stages.shared_texts`: the corpus and the split's queries, pid/qid-sorted
                              blocks in the object store)
       -> tokenize_scorers    CPU tasks: every teacher's own tokenizer, no padding -> ids__<t>, types__<t>
+                             (a bm25 teacher's features are the texts)
       -> EnsembleScorer      actor pool (min_actors..max_actors, gpus_per_actor each): every actor holds every
                              teacher, loaded once for the whole run, and runs each block through each teacher
                              with :func:`raykd.batching.score_block` -> score__<t>, len__<t>, padlen__<t>
@@ -47,13 +48,15 @@ def read_chunks(items: pa.Table, out: str) -> pa.Table:
 
 def pair_scores(out: str, part_pairs: dict[int, int], teachers: list[tuple[str, str]],
                 passages: sharing.SharedTexts, queries: sharing.SharedTexts, loads_uri: str, *,
-                query_max_length: int, passage_max_length: int,
+                query_max_length: int | None, passage_max_length: int | None,
                 batch_size: int, bucket_pairs: int, min_actors: int, max_actors: int, gpus_per_actor: float,
-                cpus_per_actor: float, actor_resources: dict, cpus_per_task: float, torch_threads: int):
+                cpus_per_actor: float, actor_resources: dict, cpus_per_task: float, torch_threads: int,
+                load_options: dict[str, dict] | None = None):
     """The streaming Dataset of every teacher's score for the pairs of the parts in ``part_pairs`` (part ->
     its number of pairs), in part order (module docstring): rows of part, qid, pid, and score__<t>, len__<t>,
     padlen__<t> per teacher. One block is one chunk of ``bucket_pairs`` pairs of one part, from the read to
-    the driver, so the pool's actors share the work and parts complete one after another."""
+    the driver, so the pool's actors share the work and parts complete one after another. ``load_options``:
+    teacher name -> its load options (a bm25 teacher's store, an LLM's prompt)."""
     import ray.data
 
     chunks = [{"part": p, "start": a, "stop": min(n, a + bucket_pairs)}
@@ -65,6 +68,6 @@ def pair_scores(out: str, part_pairs: dict[int, int], teachers: list[tuple[str, 
                 passage_max_length=passage_max_length, batch_size=batch_size, block_pairs=bucket_pairs,
                 min_actors=min_actors, max_actors=max_actors, gpus_per_actor=gpus_per_actor,
                 cpus_per_actor=cpus_per_actor, actor_resources=actor_resources, cpus_per_task=cpus_per_task,
-                torch_threads=torch_threads, loads_uri=loads_uri)
+                torch_threads=torch_threads, loads_uri=loads_uri, load_options=load_options)
     names = [n for n, _ in teachers]
     return ds.select_columns(["part", "qid", "pid"] + [f"{k}__{n}" for n in names for k in ("score", "len", "padlen")])
