@@ -22,7 +22,9 @@ Layout under the scores URI::
                                 weights; ``counts.triples`` the number of rows over all parts.
 
 The ensemble is the weighted mean of the teachers' scores, ``sum_t w_t * s_t / sum_t w_t`` (the paper's T2
-is the plain mean of three teachers). An NRKD import has one teacher, named by ``--teacher-name`` (``t2`` by
+is the plain mean of three teachers), or of their normalised scores when the score stage ran with
+``normalization`` zscore / minmax (``manifest["stats"]["normalization"]`` holds the method and each teacher's
+statistics; the per-teacher columns are always the raw scores). An NRKD import has one teacher, named by ``--teacher-name`` (``t2`` by
 default), whose columns equal the ensemble's.
 
 Reading (no Ray needed)::
