@@ -49,7 +49,7 @@ class ScoreConfig:
 
     data: str = config.field("", help="Text store URI (the output of `raykd prepare`), with triples.")
     teachers: list[str] = config.field(
-        [], help="Teachers as [KIND:]NAME_OR_PATH, KIND one of cat (default: cross-encoders), dot, colbert, "
+        [], help="Teachers as [KIND:]NAME_OR_PATH, KIND one of cat (cross-encoders; a bare path is one), dot, colbert, "
                  "prettr, tk, bm25 (no path: the store's corpus statistics), llm; any mix is one ensemble "
                  "(docs/teachers.md).", flag="--teacher")
     out: str = config.field("", help="Output URI of the scores (local path or s3://).", fingerprint=False)
