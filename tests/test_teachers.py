@@ -372,3 +372,34 @@ def test_mixed_ensemble_with_zscore(tmp_path, tiny_bert):
     got = ensemble(scores, [1.0, 1.0, 2.0], "zscore", stats)
     z = {k: (v - v.mean()) / v.std() for k, v in ((k, v.astype(np.float64)) for k, v in scores.items())}
     np.testing.assert_allclose(got, (z["cat"] + z["dot"] + 2 * z["bm25"]) / 4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ stage options
+def test_teacher_options_go_to_the_kinds_that_take_them():
+    from raykd.models.teachers import teacher_options
+
+    specs = [parse_teacher(t) for t in ("/m/a", "llm:/m/q", "llm:/m/r", "dot:/m/d", "bm25")]
+    names = ["a", "q", "r", "d", "bm25"]
+    got = teacher_options(specs, names, {"template": "T {query} {passage}", "r.yes_token": "ja", "pooling": "mean"},
+                          store="/s")
+    assert got == [{}, {"template": "T {query} {passage}"}, {"template": "T {query} {passage}", "yes_token": "ja"},
+                   {"pooling": "mean"}, {"store": "/s"}]
+    with pytest.raises(UserError, match="unknown teacher option 'temperature'"):
+        teacher_options(specs, names, {"temperature": 1})
+    with pytest.raises(UserError, match="no teacher is named 'x'"):
+        teacher_options(specs, names, {"x.template": "t"})
+    with pytest.raises(UserError, match="applies to dot teachers, and teacher a is not one"):
+        teacher_options(specs, names, {"a.pooling": "cls"})
+
+
+def test_check_teacher_refuses_a_bad_llm_prompt_without_loading_it(tiny_llm):
+    from raykd.models.teachers import check_teacher
+
+    path = tiny_llm[0]
+    check_teacher(f"llm:{path}", template="Q: {query} P: {passage} ?")
+    with pytest.raises(UserError, match=r"needs \{query\} and \{passage\}"):
+        check_teacher(f"llm:{path}", template="Q: {query}")
+    with pytest.raises(UserError, match="must be a string"):
+        check_teacher(f"llm:{path}", template={"Q": "{query}"})
+    with pytest.raises(UserError, match="needs the text store"):
+        check_teacher("bm25")
