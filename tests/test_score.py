@@ -418,6 +418,29 @@ def test_strict_nan_scores_fail_clearly(ray_cluster, sample_store, nan_teacher, 
         score(ScoreConfig(data=sample_store, teachers=[nan_teacher], out=str(tmp_path / "o"), **SMALL))
 
 
+def test_normalized_run_with_nan_scores_strict_and_lenient(ray_cluster, sample_store, teachers, nan_teacher, tmp_path):
+    """--normalization zscore: strict mode refuses a NaN in the first pass; lenient mode quarantines its triples
+    and takes each teacher's statistics over the pairs every teacher scored finite (those pair_scores/ keeps)."""
+    both = [teachers[0], nan_teacher]
+    with pytest.raises(UserError, match=r"gave a NaN/inf score for triple .*--lenient"):
+        score(ScoreConfig(data=sample_store, teachers=both, out=str(tmp_path / "s"), normalization="zscore", **SMALL))
+    out = str(tmp_path / "l")
+    m = score(ScoreConfig(data=sample_store, teachers=both, out=out, normalization="zscore", lenient=True, **SMALL))
+    assert m.counts["quarantined"]["nan_scores"] > 0
+    pairs = storage.read_parquet(storage.join(out, "pair_scores"))
+    names = m.stats["teachers"]
+    stats = m.stats["normalization"]["teachers"]
+    expect = 0.0
+    for n in names:
+        raw = pairs[f"score__{n}"].to_numpy().astype(np.float64)
+        assert stats[n]["count"] == pairs.num_rows < m.stats["unique_pairs"]
+        assert stats[n]["mean"] == pytest.approx(raw.mean(), rel=1e-6) and stats[n]["std"] == pytest.approx(raw.std(), rel=1e-6)
+        expect = expect + (raw - stats[n]["mean"]) / stats[n]["std"]
+    np.testing.assert_allclose(pairs["score"].to_numpy(), expect / len(names), rtol=1e-5, atol=1e-5)
+    t = TripleScores(out).table()
+    assert np.isfinite(t["pos_score"].to_numpy()).all() and np.isfinite(t["neg_score"].to_numpy()).all()
+
+
 # ----------------------------------------------------------------------------------------------- ray job
 
 

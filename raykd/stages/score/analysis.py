@@ -27,13 +27,14 @@ def summarize(values: np.ndarray) -> dict:
     }
 
 
-def analysis_memory(n_triples: int, n_teachers: int) -> int:
+def analysis_memory(n_triples: int, n_teachers: int, normalized: bool = False) -> int:
     """Bytes :func:`teacher_score_analysis` holds at most for ``n_triples`` scored triples, which the stage asks
     Ray for when it runs it in a task: the float32 score columns it reads (ensemble pos, neg, margin and pos,
     neg per teacher), ~64 bytes a triple of working copies for one series at a time (its pos and neg as
     numpy, their concatenation, the float64 casts and percentile's sorted copy, the margin), and 512 MiB for
-    the interpreter, pyarrow and matplotlib. MS MARCO's 39.8M triples with three teachers: ~4.2 GiB."""
-    return n_triples * (4 * (3 + 2 * n_teachers) + 64) + (512 << 20)
+    the interpreter, pyarrow and matplotlib. MS MARCO's 39.8M triples with three teachers: ~4.2 GiB. A normalised
+    run also holds a series' normalised pos and neg (float64) while it is summarised: 32 bytes a triple more."""
+    return n_triples * (4 * (3 + 2 * n_teachers) + 64 + (32 if normalized else 0)) + (512 << 20)
 
 
 def _series_summary(ps: np.ndarray, ns: np.ndarray) -> dict:

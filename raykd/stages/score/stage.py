@@ -303,7 +303,7 @@ def _analysis(cfg: ScoreConfig, names: list[str], part_uris: list[str], n_triple
 
     init_ray()
     task = ray.remote(teacher_score_analysis).options(
-        num_cpus=cfg.cpus_per_task, memory=analysis_memory(n_triples, len(names)))
+        num_cpus=cfg.cpus_per_task, memory=analysis_memory(n_triples, len(names), cfg.normalization != "none"))
     return ray.get(task.remote(cfg.out, names, part_uris, cfg.histogram_bins, cfg.normalization, stats))
 
 
