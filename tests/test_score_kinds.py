@@ -154,3 +154,26 @@ def test_a_headless_teacher_of_any_kind_is_refused_before_ray_work(sample_store,
         score(ScoreConfig(data=sample_store, teachers=["bm25"], teacher_options={"template": "{query}{passage}"},
                           out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_cli_flags_of_kinds_and_normalization():
+    from raykd.cli import main
+
+    cmd = main.commands["score"]
+    argv = ["--data", "d", "--out", "o", "--teacher", "cat:/m/x/model", "--teacher", "bm25", "--teacher", "llm:/m/q",
+            "--normalization", "minmax", "--teacher-option", 'template="Q: {query}\\nP: {passage}\\nRelevant:"',
+            "--teacher-option", "q.yes_token='Yes'"]
+    cfg = cmd.build(None, cmd.make_context("score", list(argv)).params)  # click consumes its list
+    assert cfg.normalization == "minmax" and cfg.teachers == ["cat:/m/x/model", "bm25", "llm:/m/q"]
+    assert cfg.teacher_options == {"template": "Q: {query}\nP: {passage}\nRelevant:", "q.yes_token": "Yes"}
+    assert cfg.query_max_length is None  # each teacher's own lengths
+    from raykd.stages.score.stage import _teachers
+
+    t = _teachers(cfg)
+    assert t.names == ["x", "bm25", "q"]
+    assert t.load_options == {"x": {}, "bm25": {"store": "d"},
+                              "q": {"template": "Q: {query}\nP: {passage}\nRelevant:", "yes_token": "Yes"}}
+    unquoted = cmd.build(None, cmd.make_context("score", argv[:-2] + ["--teacher-option", "q.yes_token=yes"]).params)
+    assert unquoted.teacher_options["q.yes_token"] is True  # YAML's boolean
+    with pytest.raises(UserError, match="must be a str, got True.*quote it"):
+        _teachers(unquoted)

@@ -525,6 +525,11 @@ def teacher_options(specs: Sequence[TeacherSpec], names: Sequence[str], options:
             kinds = [k for k, ks in KIND_OPTIONS.items() if opt in ks]
             raise UserError(f"teacher option {key!r} applies to {' / '.join(kinds)} teachers, and "
                             f"{'teacher ' + who + ' is not one' if dot else 'none is given'}")
+        want = bool if opt == "normalize" else str
+        if not isinstance(value, want):
+            raise UserError(f"teacher option {key!r} must be a {want.__name__}, got {value!r} (a command-line VALUE "
+                            f"is read as YAML, where yes/no/on/off are booleans and 'a: b' a mapping: quote it, "
+                            f"{key}='\"...\"')")
         for i in took:
             out[i][opt] = value
     return out
