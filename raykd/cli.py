@@ -198,6 +198,12 @@ import_scores = command(
     help="Turn a published teacher-score file (NRKD tsv, sentence-transformers' pickle + hard negatives, "
          "lightonai lists) into a scores output that `raykd train` reads without scoring.")
 
+export_scores = command(
+    "export-scores", config_class="raykd.stages.score:ExportScoresConfig", stage="raykd.stages.score:export_scores",
+    summary=lambda cfg, rows: click.echo(json.dumps({"out": cfg.out, "rows": rows})),
+    help="Write a scores output as a published teacher-score file: NRKD tsv, sentence-transformers' score "
+         "pickle, or lightonai lists.")
+
 train = command(
     "train", config_class="raykd.stages.train:TrainConfig", stage="raykd.stages.train:train",
     summary=_counts_and_stats,

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from raykd import __version__
 from raykd.cli import main
 
-COMMANDS = ["sample", "prepare", "score", "train", "index", "search", "evaluate", "export-nrkd", "import-nrkd", "import-scores", "demo"]
+COMMANDS = ["sample", "prepare", "score", "train", "index", "search", "evaluate", "export-nrkd", "import-nrkd", "import-scores", "export-scores", "demo"]
 
 
 def test_version_and_help_everywhere():

@@ -24,14 +24,15 @@ from raykd.stages.evaluate import EvaluateConfig
 from raykd.stages.index import IndexConfig
 from raykd.stages.mine import MineConfig
 from raykd.stages.prepare import PrepareConfig
-from raykd.stages.score import ExportNrkdConfig, ImportNrkdConfig, ImportScoresConfig, ScoreConfig
+from raykd.stages.score import ExportNrkdConfig, ExportScoresConfig, ImportNrkdConfig, ImportScoresConfig, ScoreConfig
 from raykd.stages.search import SearchConfig
 from raykd.stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = {"sample": SampleSpec, "prepare": PrepareConfig, "score": ScoreConfig, "export-nrkd": ExportNrkdConfig,
-            "import-nrkd": ImportNrkdConfig, "import-scores": ImportScoresConfig, "mine": MineConfig, "train": TrainConfig, "index": IndexConfig, "search": SearchConfig,
+            "import-nrkd": ImportNrkdConfig, "import-scores": ImportScoresConfig,
+            "export-scores": ExportScoresConfig, "mine": MineConfig, "train": TrainConfig, "index": IndexConfig, "search": SearchConfig,
             "evaluate": EvaluateConfig, "demo": DemoConfig}
 # job -> [(config class, flag prefix, the fields it must offer (None: all))]
 JOBS = {"score_teachers": [(ScoreConfig, "", None), (SampleSpec, "sample", None)],
@@ -49,6 +50,7 @@ CONTRACT = {
               "--strict"],
     "export-nrkd": ["--scores", "--out", "--teacher"],
     "import-nrkd": ["--nrkd", "--out", "--teacher-name", "--rows-per-part"],
+    "export-scores": ["--format", "--scores", "--out", "--teacher", "--data"],
     "import-scores": ["--format", "--scores", "--out", "--data", "--hard-negatives", "--trust-pickle", "--lenient"],
     "mine": ["--data", "--run", "--split", "--depth", "--negatives", "--out"],
     "train": ["--data", "--scores", "--student", "--init", "--loss", "--out", "--workers", "--use-gpu", "--no-gpu",

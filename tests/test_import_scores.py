@@ -60,6 +60,17 @@ def test_st_import_scores_every_triple_from_the_pickle(sample_store, st_files, t
         assert (ps, ns) == (pytest.approx(scores[q][p]), pytest.approx(scores[q][n]))
     m = storage.read_manifest(out)
     assert m["stage"] == "import-scores" and m["counts"]["triples"] == len(expect)
+    back = str(tmp_path / "back.pkl.gz")  # exported as the published pickle: the pairs' scores, as read
+    assert CliRunner().invoke(main, ["export-scores", "--format", "st", "--scores", out, "--out", back]).exit_code == 0
+    exported = pub.read_st_scores(back, trust_pickle=True)
+    assert all(v == pytest.approx(scores[q][p]) for q, row in exported.items() for p, v in row.items())
+    assert sum(len(r) for r in exported.values()) == len({(q, p) for q, p, _ in expect} | {(q, n) for q, _, n in expect})
+    lists = str(tmp_path / "lists.parquet")  # no lists kept: one list per query of its scored documents
+    assert CliRunner().invoke(main, ["export-scores", "--format", "lightonai", "--scores", out, "--out", lists]
+                              ).exit_code == 0
+    as_lists, _ = pub.read_lightonai(lists)
+    assert {(q, p): v for q, ps, vs in zip(*(as_lists[c].to_pylist() for c in ("qid", "pids", "scores")))
+            for p, v in zip(ps, vs)} == pytest.approx({(q, p): v for q, row in exported.items() for p, v in row.items()})
     pairs = read_pair_scores(out)  # the output is a --pair-scores source too
     assert pairs.num_rows == len({(q, p) for q, p, _ in expect} | {(q, n) for q, _, n in expect})
     for q, p, sc in zip(*(pairs[c].to_pylist() for c in ("qid", "pid", "score"))):
@@ -115,6 +126,12 @@ def test_lightonai_lists_kept_and_triples_from_qrels(sample_store, tmp_path):
     assert set(t["pos_score"].to_pylist()) == {1.5}
     assert sorted(set(t["neg_score"].to_pylist())) == [-1.0, 0.5, 2.0]
     assert storage.read_manifest(out)["counts"]["lists"] == 5
+    back = str(tmp_path / "back.jsonl")  # exported: the same rows, in the store's original ids
+    r = CliRunner().invoke(main, ["export-scores", "--format", "lightonai", "--scores", out, "--data", sample_store,
+                                  "--out", back])
+    assert r.exit_code == 0, r.output
+    got = sorted((json.loads(x) for x in open(back)), key=lambda x: x["query_id"])
+    assert got == sorted(rows, key=lambda x: x["query_id"])
 
 
 def test_nrkd_through_import_scores_equals_import_nrkd(tmp_path):

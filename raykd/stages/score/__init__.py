@@ -12,7 +12,7 @@ pipeline (docs/score.md). Its steps are its modules:
 """
 
 from raykd.stages.score.analysis import summarize
-from raykd.stages.score.imports import ImportScoresConfig, import_scores
+from raykd.stages.score.imports import ExportScoresConfig, ImportScoresConfig, export_scores, import_scores
 from raykd.stages.score.join import STATS_KEY, join_part, part_stats
 from raykd.stages.score.nrkd import ExportNrkdConfig, ImportNrkdConfig, export_nrkd, import_nrkd
 from raykd.stages.score.plan import part_of, partition_unique
@@ -20,7 +20,7 @@ from raykd.stages.score.stage import ScoreConfig, score
 from raykd.stages.scoring import EnsembleScorer, TeacherScorer, attach_texts, tokenize_pairs
 
 __all__ = [
-    "STATS_KEY", "EnsembleScorer", "ExportNrkdConfig", "ImportNrkdConfig", "ImportScoresConfig", "ScoreConfig", "TeacherScorer",
-    "attach_texts", "export_nrkd", "import_nrkd", "import_scores", "join_part", "part_of", "part_stats", "partition_unique",
+    "STATS_KEY", "EnsembleScorer", "ExportNrkdConfig", "ExportScoresConfig", "ImportNrkdConfig", "ImportScoresConfig", "ScoreConfig", "TeacherScorer",
+    "attach_texts", "export_nrkd", "export_scores", "import_nrkd", "import_scores", "join_part", "part_of", "part_stats", "partition_unique",
     "score", "summarize", "tokenize_pairs",
 ]

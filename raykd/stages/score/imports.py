@@ -1,5 +1,6 @@
 """Import: published teacher-score files as a ``raykd.triple_scores`` output that ``raykd train`` reads without
-scoring (``raykd import-scores --format nrkd|st|lightonai``; docs/teachers.md, "Published teacher scores").
+scoring (``raykd import-scores --format nrkd|st|lightonai``; docs/teachers.md, "Published teacher scores"), and
+a scores output written back in those formats (``raykd export-scores``).
 
 Every format becomes triples with a positive and a negative score (:data:`raykd.formats.published.TRIPLE_SCHEMA`),
 and :func:`write_imported` turns them into the output, the same way for every format:
@@ -229,4 +230,77 @@ def _pair_scores(qid, pos, neg, ps, ns, name: str) -> pa.Table:
                      f"score__{name}": s[keep]})
 
 
-__all__ = ["FORMATS", "ImportScoresConfig", "import_scores", "write_imported"]
+# ------------------------------------------------------------------------------------------------ export
+
+
+@dataclass
+class ExportScoresConfig:
+    """Options of ``raykd export-scores``."""
+
+    SECTION = "export_scores"
+
+    format: str = config.field("nrkd", help="The file's format: nrkd (tsv of triples), st (score pickle of the "
+                                            "unique pairs), lightonai (one list per query of its scored pairs).",
+                               choices=list(FORMATS))
+    scores: str = config.field("", help="A scores output (of `raykd score` or an import).")
+    out: str = config.field("", help="File to write: .tsv[.gz] (nrkd), .pkl.gz (st), .parquet or .jsonl[.gz] "
+                                     "(lightonai).")
+    teacher: str | None = config.field(None, help="Write this teacher's scores instead of the ensemble's.")
+    data: str | None = config.field(None, help="lightonai: text store whose original query and document ids "
+                                               "the file names (unset: the integer ids).")
+    split: str = config.field("train", help="lightonai: query split of --data.")
+
+
+def export_scores(cfg: ExportScoresConfig) -> int:
+    """Write a scores output in a published format; returns the rows (triples, queries) written. ``st`` and
+    ``lightonai`` take the output's unique pair scores (``pair_scores/``); lightonai writes an import's kept
+    lists as they are, else one list per query of all its scored pairs (in pid order)."""
+    from raykd.formats import published
+    from raykd.formats.pair_scores import read_pair_scores
+    from raykd.stages.score.nrkd import export_nrkd
+
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if not cfg.scores or not cfg.out:
+        raise UserError("export-scores needs --scores URI and --out FILE")
+    if cfg.format == "nrkd":
+        return export_nrkd(cfg.scores, cfg.out, cfg.teacher)
+    s = fmt.TripleScores(cfg.scores)
+    if cfg.teacher is not None and cfg.teacher not in s.teachers:
+        raise UserError(f"{cfg.scores}: no teacher {cfg.teacher!r}; it has {', '.join(s.teachers)}")
+    column = f"score__{cfg.teacher}" if cfg.teacher else "score"
+    lists_uri = storage.join(cfg.scores, "lists")
+    if cfg.format == "lightonai" and storage.exists(lists_uri) and cfg.teacher is None:
+        lists = storage.read_parquet(lists_uri)
+    else:
+        pairs = read_pair_scores(cfg.scores, column=column).sort_by([("qid", "ascending"), ("pid", "ascending")])
+        q, p, v = pairs["qid"].to_numpy(), pairs["pid"].to_numpy(), pairs["score"].to_numpy()
+        if cfg.format == "st":
+            out: dict[int, dict[int, float]] = {}
+            for a, b, c in zip(q.tolist(), p.tolist(), v.tolist()):
+                out.setdefault(a, {})[b] = c
+            published.write_st_scores(cfg.out, out)
+            _log(f"wrote scores of {len(out):,} queries ({len(q):,} pairs) to {storage.redact(cfg.out)}")
+            return len(q)
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]]) if len(q) else np.zeros(0, np.int64)
+        offsets = np.r_[starts, len(q)].astype(np.int32)
+        lists = pa.table({"qid": pa.array(q[starts], pa.int64()),
+                          "pids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(p, pa.int64())),
+                          "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(v, pa.float32()))})
+    qmap = dmap = None
+    if cfg.data:
+        from raykd.formats.store import TextStore
+
+        store = TextStore(cfg.data)
+        queries = store.queries(cfg.split)
+        qmap = dict(zip(queries["qid"].to_pylist(), queries["query_id"].to_pylist()))
+        wanted = np.unique(pc.list_flatten(lists["pids"]).to_numpy())
+        corpus = store.corpus(["pid", "doc_id"])
+        corpus = corpus.filter(pc.is_in(corpus["pid"], value_set=pa.array(wanted, pa.int64())))
+        dmap = dict(zip(corpus["pid"].to_pylist(), corpus["doc_id"].to_pylist()))
+    n = published.write_lightonai(cfg.out, lists, qmap, dmap)
+    _log(f"wrote {n:,} lists to {storage.redact(cfg.out)}")
+    return n
+
+
+__all__ = ["FORMATS", "ExportScoresConfig", "ImportScoresConfig", "export_scores", "import_scores", "write_imported"]
