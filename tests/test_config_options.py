@@ -24,7 +24,13 @@ from raykd.stages.evaluate import EvaluateConfig
 from raykd.stages.index import IndexConfig
 from raykd.stages.mine import MineConfig
 from raykd.stages.prepare import PrepareConfig
-from raykd.stages.score import ExportNrkdConfig, ExportScoresConfig, ImportNrkdConfig, ImportScoresConfig, ScoreConfig
+from raykd.stages.score import (
+    ExportNrkdConfig,
+    ExportScoresConfig,
+    ImportNrkdConfig,
+    ImportScoresConfig,
+    ScoreConfig,
+)
 from raykd.stages.search import SearchConfig
 from raykd.stages.train import TrainConfig
 
