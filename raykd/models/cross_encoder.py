@@ -81,6 +81,29 @@ def _max_lengths(path: str, query_max_length: int | None, passage_max_length: in
     return int(qlen), int(plen)
 
 
+def _fit_positions(path: str, tokenizer: Any, qlen: int, plen: int) -> int:
+    """``plen``, cut so that the longest pair (query ``qlen`` + passage + the special tokens) fits the model's
+    absolute positions (``max_position_embeddings``; RoBERTa-style models lose ``pad_token_id + 1`` of them to
+    their position offset): a longer pair would index past the position table. Models without absolute
+    positions (DeBERTa-v2 without ``position_biased_input``) keep ``plen``."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return plen
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit or getattr(config, "position_biased_input", True) is False:
+        return plen
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        limit -= (config.pad_token_id or 0) + 1
+    room = limit - qlen - tokenizer.num_special_tokens_to_add(pair=True)
+    if room < 1:
+        raise UserError(f"cross-encoder {path}: a query of {qlen} tokens leaves no room for a passage within its "
+                        f"{limit} positions; lower query_max_length")
+    return min(plen, room)
+
+
 def no_head_message(name_or_path: str, missing: list[str]) -> str:
     shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
     return (f"teacher {name_or_path} has no trained scoring head: its weights lack {shown}. A teacher's scores "
@@ -190,6 +213,7 @@ class CrossEncoderTokenizer:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the tokenizer of cross-encoder {path!r}: {e}") from None
         qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
+        plen = _fit_positions(path, tokenizer, qlen, plen)
         return cls(tokenizer, qlen, plen, uses_segment_embeddings(path))
 
     def tokenize_unpadded(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, list[list[int]]]:
@@ -321,6 +345,7 @@ class CrossEncoder(RankingModel):
         if require_head and info.get("missing_keys"):
             raise UserError(no_head_message(name_or_path, sorted(info["missing_keys"])))
         qlen, plen = _max_lengths(path, query_max_length, passage_max_length)
+        plen = _fit_positions(path, tokenizer, qlen, plen)
         out = cls(model, tokenizer, query_max_length=qlen, passage_max_length=plen)
         out.eval()
         return out
