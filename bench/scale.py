@@ -3,6 +3,9 @@ plane (time, throughput, memory) and how it grows with the work.
 
     .venv/bin/python bench/scale.py --fractions 0.001,0.01 [--stages sample,prepare,texts,score,train]
         [--train-steps 50] [--score-max-triples 20000] [--root /tmp/raykd-scale] [--keep] [--out scale.json]
+    .venv/bin/python bench/scale.py --fractions 0.001,0.01
+        --stages sample,prepare,index,search_dense,search_bm25,search_rerank,search_hybrid,evaluate
+        [--index-shards 2] [--search-k 1000] [--rerank-k 20] [--tune-queries 50] [--torch-threads 1]
 
 For each fraction F (1.0: MS MARCO's 8,841,823 passages and 39,780,811 id triples) the stages run one after
 another in this process, which is the driver, as under ``ray job submit``:
@@ -15,13 +18,26 @@ another in this process, which is the driver, as under ``ray job submit``:
              what is measured); work: triples scored
 ``train``    ``raykd.stages.train.train``: a tiny BERT_DOT, Margin-MSE, ``--train-steps`` steps at batch 32 on 2
              workers; work: triples seen
+``index``    ``raykd.stages.index.index``: the tiny BERT_DOT (untrained: the data plane is what is measured) encodes
+             the whole corpus into a ``--index-shards``-shard Flat index; work: passages
+``search_dense``   ``search(SearchConfig(index=...))`` of the dev split's 6,980 x F queries, top ``--search-k``;
+             work: queries (and so for every search stage)
+``search_bm25``    ``search(SearchConfig(bm25=True))``: builds the BM25 index (a Ray task), then retrieves
+``search_rerank``  the BM25 run's top ``--rerank-k`` re-scored by the tiny BERT_CAT teacher
+``search_hybrid``  dense + BM25 fused, alpha tuned on ``--tune-queries`` train queries (their dense and BM25
+             runs made there from the index and the saved BM25 index)
+``evaluate`` ``raykd.stages.evaluate.evaluate`` of every run the fraction has against the dev qrels; work:
+             queries, summed over the runs
+
+A stage whose input is missing (say ``--stages search_dense`` alone) stops with a message naming the stage to
+run first; with ``--keep`` a fraction's outputs stay for a later invocation to reuse.
 
 Defaults (50 steps; score and train on the first 20,000 triples of each fraction, ``--score-max-triples 0`` for
 all of them) are sized for a 2-core machine: see docs/scale.md for what ran and how long it took.
 
-A stage is one function in ``STAGES`` (name, unit, callable returning its work count); a later stage (index,
-search, evaluate) is one more entry. Ray is shut down after every stage, so each Ray stage starts (and is
-measured) from a fresh local cluster, as a job would be.
+A stage is one entry in ``STAGES`` (name, unit, callable returning its work count, the tiny models it uses). Ray
+is shut down after every stage, so each Ray stage starts (and is measured) from a fresh local cluster, as a job
+would be.
 
 A sampler thread reads ``/proc`` every ``--sample-s`` seconds: the USS (private memory: Private_Clean +
 Private_Dirty of ``smaps_rollup``) of this process, the USS of every Ray worker process started below it
