@@ -3,6 +3,9 @@ plane (time, throughput, memory) and how it grows with the work.
 
     .venv/bin/python bench/scale.py --fractions 0.001,0.01 [--stages sample,prepare,texts,score,train]
         [--train-steps 50] [--score-max-triples 20000] [--root /tmp/raykd-scale] [--keep] [--out scale.json]
+    .venv/bin/python bench/scale.py --fractions 0.001,0.01
+        --stages sample,prepare,index,search_dense,search_bm25,search_rerank,search_hybrid,evaluate
+        [--index-shards 2] [--search-k 1000] [--rerank-k 20] [--tune-queries 50] [--torch-threads 1]
 
 For each fraction F (1.0: MS MARCO's 8,841,823 passages and 39,780,811 id triples) the stages run one after
 another in this process, which is the driver, as under ``ray job submit``:
@@ -15,13 +18,26 @@ another in this process, which is the driver, as under ``ray job submit``:
              what is measured); work: triples scored
 ``train``    ``raykd.stages.train.train``: a tiny BERT_DOT, Margin-MSE, ``--train-steps`` steps at batch 32 on 2
              workers; work: triples seen
+``index``    ``raykd.stages.index.index``: the tiny BERT_DOT (untrained: the data plane is what is measured) encodes
+             the whole corpus into a ``--index-shards``-shard Flat index; work: passages
+``search_dense``   ``search(SearchConfig(index=...))`` of the dev split's 6,980 x F queries, top ``--search-k``;
+             work: queries (and so for every search stage)
+``search_bm25``    ``search(SearchConfig(bm25=True))``: builds the BM25 index (a Ray task), then retrieves
+``search_rerank``  the BM25 run's top ``--rerank-k`` re-scored by the tiny BERT_CAT teacher
+``search_hybrid``  dense + BM25 fused, alpha tuned on ``--tune-queries`` train queries (their dense and BM25
+             runs made there from the index and the saved BM25 index)
+``evaluate`` ``raykd.stages.evaluate.evaluate`` of every run the fraction has against the dev qrels; work:
+             queries, summed over the runs
+
+A stage whose input is missing (say ``--stages search_dense`` alone) stops with a message naming the stage to
+run first; with ``--keep`` a fraction's outputs stay for a later invocation to reuse.
 
 Defaults (50 steps; score and train on the first 20,000 triples of each fraction, ``--score-max-triples 0`` for
 all of them) are sized for a 2-core machine: see docs/scale.md for what ran and how long it took.
 
-A stage is one function in ``STAGES`` (name, unit, callable returning its work count); a later stage (index,
-search, evaluate) is one more entry. Ray is shut down after every stage, so each Ray stage starts (and is
-measured) from a fresh local cluster, as a job would be.
+A stage is one entry in ``STAGES`` (name, unit, callable returning its work count, the tiny models it uses). Ray
+is shut down after every stage, so each Ray stage starts (and is measured) from a fresh local cluster, as a job
+would be.
 
 A sampler thread reads ``/proc`` every ``--sample-s`` seconds: the USS (private memory: Private_Clean +
 Private_Dirty of ``smaps_rollup``) of this process, the USS of every Ray worker process started below it
@@ -228,6 +244,18 @@ class Rehearsal:
     def scores(self) -> str:
         return f"{self.root}/scores"
 
+    @property
+    def index(self) -> str:
+        return f"{self.root}/index"
+
+    @property
+    def bm25_index(self) -> str:
+        return f"{self.root}/bm25-index"
+
+    def run(self, name: str) -> str:
+        """A search stage's output (dense, bm25, rerank, hybrid)."""
+        return f"{self.root}/run-{name}"
+
     def model(self, kind: str) -> str:
         """A tiny BERT (teacher: cross-encoder; student: encoder) whose tokenizer knows the preset's words."""
         from raykd.sample import full_lexicon
@@ -311,20 +339,109 @@ def run_train(r: Rehearsal) -> int:
     return int(c["triples_seen"])
 
 
+# -- retrieval: index, search (dense, BM25, re-rank, hybrid), evaluate; on the dev split (6,980 x F queries)
+
+
+def _search(r: Rehearsal, name: str, k: int = 0, **kwargs) -> int:
+    """One ``search()`` call writing ``r.run(name)`` (``k`` results a query, default ``--search-k``); its
+    counts and stats become the stage's notes."""
+    from raykd.stages.search import SearchConfig, search
+
+    r.need(r.store, "prepare")
+    m = search(SearchConfig(data=r.store, split="dev", out=r.run(name), k=k or r.args.search_k,
+                            torch_threads=r.args.torch_threads, overwrite=True, **kwargs))
+    s = m.stats
+    notes = {"queries": m.counts["queries"], "results": m.counts["results"], "k": m.counts["k"],
+             "ms_per_query": s.get("latency_ms", {})}
+    if "bm25_build" in s:
+        b = s["bm25_build"]
+        notes["bm25_build"] = {"passages": b["passages"], "build_s": b["build_seconds"],
+                               "index_mb": round(b["bytes"] / 2**20, 1),
+                               "task_peak_rss_gb": round(b["peak_rss_bytes"] / GB, 3)}
+    if "bm25_retrieve_peak_rss_bytes" in s:
+        notes["bm25_retrieve_peak_rss_gb"] = round(s["bm25_retrieve_peak_rss_bytes"] / GB, 3)
+    if "alpha" in s:
+        notes["alpha"] = s["alpha"]
+        notes["tune_queries"] = s.get("alpha_tuning", {}).get("queries")
+    r.notes[f"search_{name}"] = notes
+    return int(m.counts["queries"])
+
+
+def run_index(r: Rehearsal) -> int:
+    from raykd.stages.index import IndexConfig, index
+
+    r.need(r.store, "prepare")
+    m = index(IndexConfig(data=r.store, encoder=r.model("student"), out=r.index, shards=r.args.index_shards,
+                          factory="Flat", actors=1, torch_threads=r.args.torch_threads, overwrite=True))
+    s = m.stats
+    r.notes["index"] = {"passages": m.counts["passages"], "shards": m.counts["shards"], "dim": m.counts["dim"],
+                        "index_gb": _du(r.index) / GB, "driver_bytes": s.get("driver_bytes"),
+                        "encode_s": s.get("encode_seconds"), "build_s": s.get("build_seconds"),
+                        "encode_per_s": s.get("passages_per_second"), "padding": s.get("padding_fraction"),
+                        "dtype": s.get("encode_dtype")}
+    return int(m.counts["passages"])
+
+
+def run_search_dense(r: Rehearsal) -> int:
+    r.need(r.index, "index")
+    return _search(r, "dense", index=r.index, search_cpus=0.5)
+
+
+def run_search_bm25(r: Rehearsal) -> int:
+    return _search(r, "bm25", bm25=True, bm25_index=r.bm25_index, bm25_workers=2)
+
+
+def run_search_rerank(r: Rehearsal) -> int:
+    r.need(r.run("bm25"), "search_bm25")
+    return _search(r, "rerank", k=r.args.rerank_k, rerank=r.run("bm25"), scorer=r.model("teacher"))
+
+
+def run_search_hybrid(r: Rehearsal) -> int:
+    """Dense + BM25 fused (TCT Eq. 7), alpha tuned on ``--tune-queries`` train queries whose dense and BM25
+    runs are made here from the index and the saved BM25 index."""
+    for name, stage in (("dense", "search_dense"), ("bm25", "search_bm25")):
+        r.need(r.run(name), stage)
+    r.need(r.index, "index")
+    return _search(r, "hybrid", hybrid=True, dense=r.run("dense"), sparse=r.run("bm25"), index=r.index,
+                   bm25_index=r.bm25_index, bm25_workers=2, search_cpus=0.5, tune_split="train",
+                   tune_queries=r.args.tune_queries)
+
+
+def run_evaluate(r: Rehearsal) -> int:
+    """Every run this fraction has, against the dev qrels; work: queries evaluated (summed over the runs)."""
+    from raykd.stages.evaluate import EvaluateConfig, evaluate
+
+    runs = [n for n in ("dense", "bm25", "rerank", "hybrid") if os.path.exists(f"{r.run(n)}/manifest.json")]
+    if not runs:
+        raise SystemExit(f"{r.root} holds no run: run a search stage first (--stages search_dense,...) with --keep")
+    results = evaluate(EvaluateConfig(run=[r.run(n) for n in runs], data=r.store, split="dev",
+                                      names=runs, out=f"{r.root}/evaluation", overwrite=True))
+    r.notes["evaluate"] = {n: {"queries": x["num_queries"], "MRR@10": round(x["mean"]["MRR@10"], 4),
+                               "R@1000": round(x["mean"]["R@1000"], 4)} for n, x in results.items()}
+    return sum(int(x["num_queries"]) for x in results.values())
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     unit: str
     run: Callable[[Rehearsal], int]
     uses_ray: bool = False
+    models: tuple[str, ...] = ()  # tiny models the stage uses, built before it is timed
 
 
 STAGES = [
     Stage("sample", "rows", run_sample),
     Stage("prepare", "rows", run_prepare),
     Stage("texts", "passages", run_texts),
-    Stage("score", "triples", run_score, uses_ray=True),
-    Stage("train", "triples", run_train, uses_ray=True),
+    Stage("score", "triples", run_score, uses_ray=True, models=("teacher",)),
+    Stage("train", "triples", run_train, uses_ray=True, models=("student",)),
+    Stage("index", "passages", run_index, uses_ray=True, models=("student",)),
+    Stage("search_dense", "queries", run_search_dense, uses_ray=True),
+    Stage("search_bm25", "queries", run_search_bm25, uses_ray=True),
+    Stage("search_rerank", "queries", run_search_rerank, uses_ray=True, models=("teacher",)),
+    Stage("search_hybrid", "queries", run_search_hybrid, uses_ray=True),
+    Stage("evaluate", "queries", run_evaluate),
 ]
 
 
@@ -381,8 +498,8 @@ def run_fraction(fraction: float, stages: list[Stage], args, sampler: Sampler) -
     rows = []
     for stage in stages:
         print(f"\n=== fraction {fraction:g}: {stage.name}", flush=True)
-        if stage.name in ("score", "train"):
-            r.model("teacher" if stage.name == "score" else "student")  # built outside the timed stage
+        for kind in stage.models:
+            r.model(kind)  # built outside the timed stage
         sampler.begin_stage()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -496,6 +613,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-max-triples", type=int, default=20_000,
                     help="Score (and train on) only the first N triples of a larger fraction (0: all of them).")
     ap.add_argument("--lookup-batches", type=int, default=200, help="Random batches of 1,024 pids the texts stage looks up.")
+    ap.add_argument("--index-shards", type=int, default=2,
+                    help="Shards of the index stage's Flat index (dense search merges their top-k).")
+    ap.add_argument("--search-k", type=int, default=1000, help="Results per query of the dense, BM25 and hybrid runs.")
+    ap.add_argument("--rerank-k", type=int, default=20, help="BM25 candidates a query the re-rank stage scores.")
+    ap.add_argument("--tune-queries", type=int, default=50,
+                    help="Train queries the hybrid stage tunes its alpha on (their dense and BM25 runs made there).")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="Torch threads of the index encoder and of search's query encoder and re-ranker (0: the "
+                         "stages' defaults). 1: on this loaded 2-core machine 2 threads encoded 13x slower.")
     ap.add_argument("--root", default="/tmp/raykd-scale", help="Work folder (a sub-folder per fraction).")
     ap.add_argument("--keep", action="store_true", help="Keep each fraction's files (default: deleted after it).")
     ap.add_argument("--sample-s", type=float, default=0.5, help="Memory sampling interval (seconds).")

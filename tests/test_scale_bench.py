@@ -1,7 +1,8 @@
 """The full-size rehearsal (bench/scale.py) at a tiny fraction: its JSON, its table and its last line.
 
 The fast test runs the Ray-free stages (sample, prepare, texts) at two fractions, so growth is computed; the
-slow one adds score and train (a local Ray cluster twice: minutes on a loaded 2-core machine)."""
+slow ones add score and train, and index, search and evaluate (a local Ray cluster per stage: minutes on a
+loaded 2-core machine)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,36 @@ def test_score_and_train_stages(tmp_path):
     assert rows["train"]["work"] == 5 * 32 * 2
     assert rows["score"]["worker_peak_gb"] > 0 and rows["train"]["worker_peak_gb"] > 0
     assert LAST_LINE.match(last) and last.endswith("growth=na")
+
+
+RETRIEVAL = ("index", "search_dense", "search_bm25", "search_rerank", "search_hybrid", "evaluate")
+
+
+@pytest.mark.slow
+def test_retrieval_stages(tmp_path):
+    """index -> dense, BM25, re-rank, hybrid search -> evaluate at 1/10,000: 884 passages, 1 dev query."""
+    result, last = _run(tmp_path, "--fractions", "0.0001", "--stages", ",".join(("sample", "prepare", *RETRIEVAL)),
+                        "--tune-queries", "5", "--keep", timeout=1500)
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert set(RETRIEVAL) <= set(rows)
+    for name in RETRIEVAL:
+        assert rows[name]["work"] > 0 and rows[name]["wall_s"] > 0, rows[name]
+    assert rows["index"]["work"] == rows["index"]["notes"]["passages"] == 884
+    assert rows["index"]["notes"]["driver_bytes"] > 0 and rows["index"]["worker_peak_gb"] > 0
+    assert rows["search_rerank"]["notes"]["k"] == 20
+    assert rows["search_hybrid"]["notes"]["tune_queries"] == 5
+    assert set(rows["evaluate"]["notes"]) == {"dense", "bm25", "rerank", "hybrid"}
+    assert rows["evaluate"]["work"] == sum(n["queries"] for n in rows["evaluate"]["notes"].values())
+    assert LAST_LINE.match(last) and last.endswith("growth=na")
+
+
+def test_a_stage_without_its_input_names_the_stage_to_run(tmp_path):
+    bench = _bench()
+    args = bench.argparse.Namespace(root=str(tmp_path), search_k=10, rerank_k=5, torch_threads=1)
+    r = bench.Rehearsal(0.001, str(tmp_path / "f0.001"), args)
+    with pytest.raises(SystemExit, match="run the index stage first"):
+        bench.run_search_dense(r)
+    with pytest.raises(SystemExit, match="run the search_bm25 stage first"):
+        bench.run_search_rerank(r)
+    with pytest.raises(SystemExit, match="holds no run: run a search stage first"):
+        bench.run_evaluate(r)
