@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test bench-test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ demo: setup
 
 test: setup
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench-test: setup
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra -m bench $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check raykd jobs tests bench

@@ -1,8 +1,8 @@
 """The full-size rehearsal (bench/scale.py) at a tiny fraction: its JSON, its table and its last line.
 
 The fast test runs the Ray-free stages (sample, prepare, texts) at two fractions, so growth is computed; the
-slow ones add score and train, and index, search and evaluate (a local Ray cluster per stage: minutes on a
-loaded 2-core machine)."""
+`bench`-marked ones add score and train, and index, search and evaluate (a local Ray cluster per stage: 3-9
+minutes each on a loaded 2-core machine): rehearsals, not in `make test`; `make bench-test` runs them."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_sampler_reads_this_process():
     assert p.driver_uss > 0 and p.cpu_s > 0
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_score_and_train_stages(tmp_path):
     result, last = _run(tmp_path, "--fractions", "0.0001", "--stages", "sample,prepare,score,train",
                         "--train-steps", "5", timeout=1200)
@@ -89,7 +89,7 @@ def test_score_and_train_stages(tmp_path):
 RETRIEVAL = ("index", "search_dense", "search_bm25", "search_rerank", "search_hybrid", "evaluate")
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_retrieval_stages(tmp_path):
     """index -> dense, BM25, re-rank, hybrid search -> evaluate at 1/10,000: 884 passages, 1 dev query."""
     result, last = _run(tmp_path, "--fractions", "0.0001", "--stages", ",".join(("sample", "prepare", *RETRIEVAL)),
