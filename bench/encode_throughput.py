@@ -1,9 +1,10 @@
 """Passage encoding throughput of `raykd index` against sentence-transformers' own `encode`, side by side in one
 run, on the same model (all-MiniLM-L6-v2, 256 tokens, mean pooling, L2-normalised) and the same documents
-(the first N docs of scifact-mini, title + " " + text); then the search time of the shard set against the
-merged index.
+(the first N docs of scifact-mini, or of an MS MARCO passage subset with ``--corpus``; title + " " + text);
+then the search time of the shard set against the merged index.
 
-    .venv/bin/python bench/encode_throughput.py [--docs 1000] [--shards 3] [--actors 1] [--rounds 3]
+    .venv/bin/python bench/encode_throughput.py [--docs 1000] [--corpus scifact-mini] [--shards 3] [--actors 1]
+                                                [--rounds 3]
 
 raykd's rate is the index stage's whole encode phase (the encoder actors' start: worker process, imports and
 model load, then reading and encoding) over the passages; sentence-transformers' rate is `model.encode` alone
@@ -13,7 +14,7 @@ at fp32, and, on a CPU with native bf16, sentence-transformers with the model in
 of raykd's bf16). Ratios are taken within a round (raykd over the sentence-transformers run just before it)
 and the median over rounds is printed. raykd's steady-state rate (passages over the actors' time inside
 ``encode_shard``, start excluded) shows what the start costs. The last round's indexes are searched on
-scifact-mini's test queries (nDCG@10) and their vectors compared with sentence-transformers' float32 ones.
+the corpus's test queries (nDCG@10) and their vectors compared with sentence-transformers' float32 ones.
 The line before last gives the like-for-like ratios; the last line, `raykd/st=X`, compares each tool run with
 its defaults (raykd auto vs. sentence-transformers float32): on a CPU without native bf16 both are float32.
 """
@@ -36,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_worker_niceness", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scifact-mini")
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 def subset_beir(src: str, dst: str, n: int) -> list[str]:
@@ -54,6 +55,9 @@ def subset_beir(src: str, dst: str, n: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=1000)
+    ap.add_argument("--corpus", default="scifact-mini", choices=["scifact-mini", "msmarco-dl19-subset"],
+                    help="BEIR folder under shared/data: scifact-mini (abstracts, ~240 tokens, most cut at 256) or "
+                         "msmarco-dl19-subset (MS MARCO passages, ~80 tokens)")
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are medians over rounds")
@@ -66,11 +70,11 @@ def main() -> None:
 
     model_path = str(gt.get_model_path())
     work = tempfile.mkdtemp(prefix="raykd-bench-")
-    texts = subset_beir(os.path.abspath(DATA), os.path.join(work, "beir"), args.docs)
+    texts = subset_beir(os.path.abspath(os.path.join(DATA, args.corpus)), os.path.join(work, "beir"), args.docs)
     from raykd.encoders import cpu_has_native_bf16
 
     bf16 = cpu_has_native_bf16()
-    print(f"{len(texts)} docs, model {model_path}, {os.cpu_count()} cpus, native CPU bf16: {bf16}, "
+    print(f"{len(texts)} docs of {args.corpus}, model {model_path}, {os.cpu_count()} cpus, native CPU bf16: {bf16}, "
           f"load average {os.getloadavg()[0]:.1f}")
 
     from sentence_transformers import SentenceTransformer

@@ -70,8 +70,9 @@ class IndexConfig:
     actor_gpus: float = field(0.0, help="GPUs per actor (1 on a GPU cluster).", fingerprint=False)
     torch_threads: int = field(0, help="Torch threads per actor (0: this node's cores / actors).", fingerprint=False)
     batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).", fingerprint=False)
-    actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).", fingerprint=False)
-    chunk_rows: int = field(1024, help="Corpus rows per Parquet read inside an encoder actor.", fingerprint=False)
+    actor_batch_rows: int = field(4096, help="Passages sorted by token count together, then micro-batched (a larger "
+                                             "window pads less; at most chunk_rows).", fingerprint=False)
+    chunk_rows: int = field(4096, help="Corpus rows per Parquet read inside an encoder actor.", fingerprint=False)
     build_cpus: float = field(1.0, help="Ray CPUs per index build/train/merge task (memory is asked for per "
                                         "task from the shard's size).", fingerprint=False)
     device: str | None = field(None, help="Torch device for the encoders (unset: cuda if available, else cpu).", fingerprint=False)
