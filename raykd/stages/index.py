@@ -7,9 +7,12 @@ re-run skips committed work):
 
 1. encode. The corpus rows are cut into N contiguous row ranges (shards). A pool of ``actors`` Ray actors
    (:class:`ShardEncoder`, one model each) takes shards one at a time: it reads the Parquet row groups of its
-   shard once, in ``chunk_rows`` batches, encodes ``actor_batch_rows`` at a time (length-sorted
-   micro-batches), streams the vectors into a local ``.npy`` and moves or uploads it, then writes
-   ``ids.parquet`` and ``encoded.json``. An actor holds one batch of vectors, never a shard.
+   shard once, in ``chunk_rows`` batches, encodes ``actor_batch_rows`` at a time (sorted by token count, then
+   micro-batched: :meth:`raykd.encoders.DenseEncoder.encode`), streams the vectors into a local ``.npy`` and
+   moves or uploads it, then writes ``ids.parquet`` and ``encoded.json``. An actor holds one batch of vectors,
+   never a shard. The encode clock (``stats.encode_seconds``) starts before the actors do, so it includes their
+   start (``stats.encoder_load_seconds``: imports and model load) as well as their work
+   (``stats.encode_busy_seconds``, summed over actors).
 2. train (IVF/PQ factories only): a Ray task trains the empty index on a ``train_sample`` drawn from every
    shard (memory-mapped one at a time) and saves ``trained.faiss``; every shard starts from it, so all share
    one quantizer.
