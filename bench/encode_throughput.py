@@ -95,6 +95,11 @@ def main() -> None:
         return np.asarray(vecs, dtype=np.float32), len(texts) / s
 
     sts = {"float32": load_st(torch.float32)}
+    # the work sentence-transformers does (exact): it sorts all texts by characters, then batches of 32
+    lengths = np.array([len(x) for x in sts["float32"].tokenizer(texts, truncation=True, max_length=256)["input_ids"]])
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    padded = sum(lengths[order[i : i + 32]].max() * len(order[i : i + 32]) for i in range(0, len(texts), 32))
+    print(f"sentence-transformers pads {1 - lengths.sum() / padded:.1%} of its tokens (sorted by characters)")
     if bf16:
         sts["bfloat16"] = load_st(torch.bfloat16)
 
