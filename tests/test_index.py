@@ -89,6 +89,40 @@ def test_topk_merge_of_shard_results_equals_global_topk():
     assert np.array_equal(r, want_i) and np.allclose(s, want_s)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_token_sorted_micro_batches_equal_tokenising_each_batch_alone(tiny_models, padding_side, monkeypatch):
+    """A window tokenised once, sorted by token count and cut into trimmed micro-batches gives the vectors of
+    tokenising each of those micro-batches alone (right padding: of each text alone), in input order, and pads
+    only within a micro-batch."""
+    import torch
+
+    import raykd.encoders as encoders
+
+    monkeypatch.setattr(encoders, "SORT_WINDOW", 7)  # several windows, the last one short
+    e = DenseEncoder(EncoderSpec(tiny_models("bert", "encoder", seed=1), pooling="mean", normalize=True,
+                                 precision="fp32"), device="cpu")
+    e.student.tokenizer.padding_side = padding_side
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word", "ranking", "passage", "x"][i % 4] for i in range(n)) for n in rng.integers(1, 40, 17)]
+    got = e.encode_passages(texts, batch_size=3)
+    lengths = [int(e.student.tokenize_passages([t])["attention_mask"].sum()) for t in texts]
+    want, want_padded = np.empty_like(got), 0
+    for w in range(0, len(texts), 7):
+        order = w + np.argsort([-n for n in lengths[w : w + 7]], kind="stable")
+        for i in range(0, len(order), 3):
+            idx = order[i : i + 3]
+            with torch.no_grad():
+                want[idx] = e.student.encode_passage([texts[j] for j in idx]).numpy()
+            want_padded += max(lengths[j] for j in idx) * len(idx)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    if padding_side == "right":  # BERT's positions count from the first column, so only right padding is inert
+        with torch.no_grad():
+            alone = np.concatenate([e.student.encode_passage([t]).numpy() for t in texts])
+        np.testing.assert_allclose(got, alone, atol=1e-6, rtol=0)
+    assert e.tokens == sum(lengths) and e.padded_tokens == want_padded
+    assert e.forward_passes == 3 + 3 + 1  # windows of 7, 7 and 3 texts, batches of 3
+
+
 # ------------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_encoder_precisions_against_sentence_transformers(minilm_path, shared):

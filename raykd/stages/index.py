@@ -7,9 +7,12 @@ re-run skips committed work):
 
 1. encode. The corpus rows are cut into N contiguous row ranges (shards). A pool of ``actors`` Ray actors
    (:class:`ShardEncoder`, one model each) takes shards one at a time: it reads the Parquet row groups of its
-   shard once, in ``chunk_rows`` batches, encodes ``actor_batch_rows`` at a time (length-sorted
-   micro-batches), streams the vectors into a local ``.npy`` and moves or uploads it, then writes
-   ``ids.parquet`` and ``encoded.json``. An actor holds one batch of vectors, never a shard.
+   shard once, in ``chunk_rows`` batches, encodes ``actor_batch_rows`` at a time (sorted by token count, then
+   micro-batched: :meth:`raykd.encoders.DenseEncoder.encode`), streams the vectors into a local ``.npy`` and
+   moves or uploads it, then writes ``ids.parquet`` and ``encoded.json``. An actor holds one batch of vectors,
+   never a shard. The encode clock (``stats.encode_seconds``) starts before the actors do, so it includes their
+   start (``stats.encoder_load_seconds``: imports and model load) as well as their work
+   (``stats.encode_busy_seconds``, summed over actors).
 2. train (IVF/PQ factories only): a Ray task trains the empty index on a ``train_sample`` drawn from every
    shard (memory-mapped one at a time) and saves ``trained.faiss``; every shard starts from it, so all share
    one quantizer.
@@ -70,8 +73,9 @@ class IndexConfig:
     actor_gpus: float = field(0.0, help="GPUs per actor (1 on a GPU cluster).", fingerprint=False)
     torch_threads: int = field(0, help="Torch threads per actor (0: this node's cores / actors).", fingerprint=False)
     batch_size: int = field(32, help="Passages per forward pass (a length-sorted micro-batch).", fingerprint=False)
-    actor_batch_rows: int = field(512, help="Passages per actor call (sorted by length, then micro-batched).", fingerprint=False)
-    chunk_rows: int = field(1024, help="Corpus rows per Parquet read inside an encoder actor.", fingerprint=False)
+    actor_batch_rows: int = field(4096, help="Passages sorted by token count together, then micro-batched (a larger "
+                                             "window pads less; at most chunk_rows).", fingerprint=False)
+    chunk_rows: int = field(4096, help="Corpus rows per Parquet read inside an encoder actor.", fingerprint=False)
     build_cpus: float = field(1.0, help="Ray CPUs per index build/train/merge task (memory is asked for per "
                                         "task from the shard's size).", fingerprint=False)
     device: str | None = field(None, help="Torch device for the encoders (unset: cuda if available, else cpu).", fingerprint=False)
@@ -154,6 +158,7 @@ class ShardEncoder:
     only a small summary, so no vector passes through the driver."""
 
     def __init__(self, spec: dict, batch_size: int, threads: int, device: str | None):
+        t0 = time.time()
         import torch
 
         from raykd.encoders import DenseEncoder
@@ -162,6 +167,7 @@ class ShardEncoder:
             torch.set_num_threads(threads)
         self.encoder = DenseEncoder(EncoderSpec(**spec), device=device)
         self.batch_size = batch_size
+        self.load_seconds = time.time() - t0  # imports and model load, after the worker process started
 
     def encode_shard(self, out: str, shard: dict, pieces: list[dict], read_rows: int, encode_rows: int) -> dict:
         e = self.encoder
@@ -197,7 +203,8 @@ class ShardEncoder:
                       {"rows": shard["rows"], "first_row": shard["first_row"], "dim": int(writer.dim)})
         return {"name": shard["name"], "rows": shard["rows"], "seconds": time.time() - t0,
                 "forward_passes": e.forward_passes - before[0], "tokens": e.tokens - before[1],
-                "padded_tokens": e.padded_tokens - before[2], "bf16_rows": bf16_rows}
+                "padded_tokens": e.padded_tokens - before[2], "bf16_rows": bf16_rows,
+                "load_seconds": self.load_seconds}
 
 
 def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[dict], todo: set[int],
@@ -205,18 +212,20 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
     import ray
     from ray.util import ActorPool
 
-    parts = _part_rows(store)
     total = sum(shards[s]["rows"] for s in todo)
     n_actors = max(1, min(cfg.actors, len(todo)))
     log.info("encoding %s passages into %d shard(s) with %d actor(s)", f"{total:,}", len(todo), n_actors)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // n_actors)
     init_ray()
+    # the clock starts before the actors do: their start (process, imports, model load) is part of encoding
+    progress = Progress(log, "passages encoded", total)
     actor = ray.remote(ShardEncoder).options(num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None)
     kwargs = {"spec": spec.to_dict(), "batch_size": cfg.batch_size, "threads": threads, "device": cfg.device}
     actors = [actor.remote(**kwargs) for _ in range(n_actors)]
+    parts = _part_rows(store)  # the Parquet footers are read while the actors load their model
     pool = ActorPool(actors)
-    progress = Progress(log, "passages encoded", total)
     work = {"forward_passes": 0, "tokens": 0, "padded_tokens": 0, "bf16_rows": 0}
+    busy, load = 0.0, 0.0
     driver_bytes = 0
     try:
         jobs = [(shards[s], plan_pieces(parts, shards[s])) for s in sorted(todo)]
@@ -227,6 +236,7 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
             driver_bytes += len(pickle.dumps(result))  # what reached the driver: summaries only
             for key in work:
                 work[key] += int(result[key])
+            busy, load = busy + result["seconds"], max(load, result["load_seconds"])
             progress.update(int(result["rows"]))
             log.info("shard %s: %s vectors committed", result["name"], f"{result['rows']:,}")
     finally:
@@ -234,6 +244,9 @@ def _encode(cfg: IndexConfig, spec: EncoderSpec, store: TextStore, shards: list[
             ray.kill(a)
     stats["encode_seconds"] = round(progress.close(), 3)
     stats["passages_per_second"] = round(total / max(stats["encode_seconds"], 1e-9), 2)
+    # where the time went: the actors' start (imports, model load) and their time in encode_shard, summed
+    stats["encoder_load_seconds"], stats["encode_busy_seconds"] = round(load, 3), round(busy, 3)
+    stats["encode_actors"] = n_actors
     stats["forward_passes"], stats["tokens"], stats["padded_tokens"] = (
         work["forward_passes"], work["tokens"], work["padded_tokens"])
     stats["encode_dtype"] = {0: "float32", total: "bfloat16"}.get(work["bf16_rows"], "mixed")
