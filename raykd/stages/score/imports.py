@@ -257,14 +257,13 @@ def export_scores(cfg: ExportScoresConfig) -> int:
     lists as they are, else one list per query of all its scored pairs (in pid order)."""
     from raykd.formats import published
     from raykd.formats.pair_scores import read_pair_scores
-    from raykd.stages.score.nrkd import export_nrkd
 
     if cfg.format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if not cfg.scores or not cfg.out:
         raise UserError("export-scores needs --scores URI and --out FILE")
     if cfg.format == "nrkd":
-        return export_nrkd(cfg.scores, cfg.out, cfg.teacher)
+        return write_nrkd(cfg.scores, cfg.out, cfg.teacher)
     s = fmt.TripleScores(cfg.scores)
     if cfg.teacher is not None and cfg.teacher not in s.teachers:
         raise UserError(f"{cfg.scores}: no teacher {cfg.teacher!r}; it has {', '.join(s.teachers)}")
@@ -303,4 +302,25 @@ def export_scores(cfg: ExportScoresConfig) -> int:
     return n
 
 
-__all__ = ["FORMATS", "ExportScoresConfig", "ImportScoresConfig", "export_scores", "import_scores", "write_imported"]
+def write_nrkd(scores_uri: str, out_file: str, teacher: str | None = None) -> int:
+    """Write a scores output as an NRKD tsv (the ensemble's scores, or one ``teacher``'s); returns the lines."""
+    from raykd.formats import nrkd
+
+    s = fmt.TripleScores(scores_uri)
+    if teacher is not None and teacher not in s.teachers:
+        raise UserError(f"{scores_uri}: no teacher {teacher!r}; it has {', '.join(s.teachers)}")
+    pos_col = fmt.teacher_column("pos", teacher) if teacher else "pos_score"
+    neg_col = fmt.teacher_column("neg", teacher) if teacher else "neg_score"
+
+    def batches():
+        for b in s.iter_batches(["qid", "pos_pid", "neg_pid", pos_col, neg_col]):
+            t = pa.Table.from_batches([b])
+            yield t.rename_columns(["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"])
+
+    n = nrkd.write(out_file, batches())
+    _log(f"wrote {n} lines to {storage.redact(out_file)}")
+    return n
+
+
+__all__ = ["FORMATS", "ExportScoresConfig", "ImportScoresConfig", "export_scores", "import_scores", "write_imported",
+           "write_nrkd"]

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from raykd import config, storage
 from raykd.errors import UserError
-from raykd.formats import scores as fmt
-from raykd.log import get_logger
 
-_log = get_logger("score").info
 
 
 @dataclass
@@ -56,20 +51,8 @@ def import_nrkd(cfg: ImportNrkdConfig) -> storage.Manifest:
 
 
 def export_nrkd(scores_uri: str, out_file: str, teacher: str | None = None) -> int:
-    """Write a scores output as an NRKD tsv (the ensemble's scores, or one ``teacher``'s); returns the lines."""
-    from raykd.formats import nrkd
+    """Write a scores output as an NRKD tsv (the ensemble's scores, or one ``teacher``'s); returns the lines:
+    ``raykd export-scores --format nrkd`` (:func:`raykd.stages.score.imports.write_nrkd`)."""
+    from raykd.stages.score.imports import write_nrkd
 
-    s = fmt.TripleScores(scores_uri)
-    if teacher is not None and teacher not in s.teachers:
-        raise UserError(f"{scores_uri}: no teacher {teacher!r}; it has {', '.join(s.teachers)}")
-    pos_col = fmt.teacher_column("pos", teacher) if teacher else "pos_score"
-    neg_col = fmt.teacher_column("neg", teacher) if teacher else "neg_score"
-
-    def batches():
-        for b in s.iter_batches(["qid", "pos_pid", "neg_pid", pos_col, neg_col]):
-            t = pa.Table.from_batches([b])
-            yield t.rename_columns(["qid", "pos_pid", "neg_pid", "pos_score", "neg_score"])
-
-    n = nrkd.write(out_file, batches())
-    _log(f"wrote {n} lines to {storage.redact(out_file)}")
-    return n
+    return write_nrkd(scores_uri, out_file, teacher)
