@@ -9,7 +9,6 @@ from raykd import config, storage
 from raykd.errors import UserError
 
 
-
 @dataclass
 class ImportNrkdConfig:
     """Options of ``raykd import-nrkd``."""
