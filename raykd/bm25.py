@@ -72,13 +72,14 @@ class BM25Index:
             raise ValueError(f"{len(passages)} passages but {len(ids)} ids")
         return self.index_batches([(passages, ids)])
 
-    def index_batches(self, batches: Iterable[tuple[Sequence[str], Sequence]]) -> BM25Index:
-        """Index ``(passages, ids)`` batches in order: each batch's texts are tokenised and dropped, only their
-        token ids (one shared vocabulary) are kept until bm25s builds its score matrix."""
-        import bm25s
+    def _tokenizer(self):
         from bm25s.tokenization import Tokenizer
 
-        tok = Tokenizer(stopwords=self._stopwords() or [], stemmer=self._stem)
+        return Tokenizer(stopwords=self._stopwords() or [], stemmer=self._stem)
+
+    def _token_ids(self, batches: Iterable[tuple[Sequence[str], Sequence]]):
+        """``(tokenizer, token ids of each passage)`` of ``(passages, ids)`` batches; sets :attr:`ids`."""
+        tok = self._tokenizer()
         token_ids: list[list[int]] = []
         ids = []
         for passages, batch_ids in batches:
@@ -87,8 +88,58 @@ class BM25Index:
         self.ids = pa.chunked_array(ids).combine_chunks() if ids else pa.array([], pa.string())
         if len(self.ids) != len(token_ids):
             raise ValueError(f"{len(token_ids)} passages but {len(self.ids)} ids")
+        return tok, token_ids
+
+    def index_batches(self, batches: Iterable[tuple[Sequence[str], Sequence]]) -> BM25Index:
+        """Index ``(passages, ids)`` batches in order: each batch's texts are tokenised and dropped, only their
+        token ids (one shared vocabulary) are kept until bm25s builds its score matrix."""
+        import bm25s
+
+        tok, token_ids = self._token_ids(batches)
         self._bm25 = bm25s.BM25(k1=self.params.k1, b=self.params.b, method="lucene")
         self._bm25.index((token_ids, tok.get_vocab_dict()), show_progress=False)
+        return self
+
+    def index_shard(self, batches: Iterable[tuple[Sequence[str], Sequence]], stats: CorpusStats) -> BM25Index:
+        """Index one shard of a corpus (``(passages, ids)`` batches) with the WHOLE corpus's statistics
+        ``stats`` (N, avgdl, df; :class:`CorpusStats`): the shard's score matrix holds exactly the entries an
+        index of the whole corpus holds for these passages, over the corpus's vocabulary, so shards' scores
+        are comparable and their merged top-k is the whole index's. bm25s' own scoring functions build it
+        (what ``BM25.index`` runs, with the global idf and avgdl in place of the shard's)."""
+        import bm25s
+        from bm25s.scoring import _build_scores_and_indices_for_matrix
+
+        tok, token_ids = self._token_ids(batches)
+        vocab = {t: i for i, t in enumerate(stats.terms)}
+        local = tok.get_vocab_dict()
+        remap = np.empty(len(local), dtype=np.int64)
+        for term, i in local.items():
+            if term not in vocab:
+                raise ValueError(f"term {term!r} of this shard is not in the corpus statistics (another corpus?)")
+            remap[i] = vocab[term]
+        del local, tok
+        token_ids = [remap[np.asarray(d, dtype=np.int64)].tolist() if d else [] for d in token_ids]
+        bm = bm25s.BM25(k1=self.params.k1, b=self.params.b, method="lucene")
+        # bm25s sizes its arrays by the sum of the (shard's) document frequencies: (passage, term) pairs
+        pairs = np.fromiter((t for d in token_ids for t in set(d)), dtype=np.int64)
+        shard_df = np.bincount(pairs, minlength=len(vocab))
+        del pairs
+        nz = np.flatnonzero(shard_df)
+        data, rows, cols = _build_scores_and_indices_for_matrix(
+            corpus_token_ids=token_ids, idf_array=stats.idf(bm.idf_method, bm.dtype), avg_doc_len=stats.avgdl,
+            doc_frequencies=dict(zip(nz.tolist(), shard_df[nz].tolist())), k1=bm.k1, b=bm.b, delta=bm.delta,
+            nonoccurrence_array=None, method=bm.method, dtype=bm.dtype, int_dtype=bm.int_dtype,
+            show_progress=False)
+        n_docs = len(token_ids)
+        del token_ids
+        data, indices, indptr = bm._np_csc(data=data, rows=rows, cols=cols, shape=(n_docs, len(vocab)))
+        bm.scores = {"data": data.astype(bm.dtype), "indices": indices, "indptr": indptr, "num_docs": n_docs}
+        bm.nonoccurrence_array = None
+        if "" not in vocab:  # as BM25.index(create_empty_token=True)
+            vocab[""] = len(vocab)
+        bm.vocab_dict = vocab
+        bm.unique_token_ids_set = set(vocab.values())
+        self._bm25 = bm
         return self
 
     def save(self, folder: str) -> None:
@@ -127,6 +178,58 @@ class BM25Index:
         rows, scores = self.search_rows(queries, k)
         ids = np.asarray(self.ids.take(pa.array(rows.ravel())).to_pylist(), dtype=object).reshape(rows.shape)
         return ids, scores
+
+
+@dataclass
+class CorpusStats:
+    """BM25's statistics of a whole corpus: its terms (the vocabulary, in first-seen order), each term's
+    document frequency, the number of passages and of tokens (avgdl = tokens / passages), counted with
+    :class:`BM25Index`'s tokenisation. :meth:`count` counts one part of a corpus; :meth:`merge` adds parts."""
+
+    terms: list[str]
+    df: np.ndarray  # int64, df[i] of terms[i]
+    n_docs: int
+    n_tokens: int
+
+    @property
+    def avgdl(self) -> np.float64:
+        # np.float64 as bm25s' own mean (a NumPy scalar keeps bm25s' float arithmetic bit-identical)
+        return np.float64(self.n_tokens) / self.n_docs if self.n_docs else np.float64(0.0)
+
+    @classmethod
+    def count(cls, batches: Iterable[Sequence[str]], params: BM25Params | None = None) -> CorpusStats:
+        """Statistics of passages read in batches (each batch's token ids are dropped after counting)."""
+        index = BM25Index(params)
+        tok = index._tokenizer()
+        df = np.zeros(0, dtype=np.int64)
+        n_docs = n_tokens = 0
+        for passages in batches:
+            token_ids = tok.tokenize(list(passages), update_vocab=True, return_as="ids", show_progress=False)
+            n_docs += len(token_ids)
+            n_tokens += sum(len(d) for d in token_ids)
+            seen = np.bincount(np.fromiter((t for d in token_ids for t in set(d)), dtype=np.int64),
+                               minlength=len(tok.get_vocab_dict()))
+            df = np.concatenate([df, np.zeros(len(seen) - len(df), dtype=np.int64)]) + seen
+        terms = [""] * len(df)
+        for term, i in tok.get_vocab_dict().items():
+            terms[i] = term
+        return cls(terms, df, n_docs, n_tokens)
+
+    @classmethod
+    def merge(cls, parts: Sequence[CorpusStats]) -> CorpusStats:
+        df: dict[str, int] = {}
+        for p in parts:
+            for term, n in zip(p.terms, p.df.tolist()):
+                df[term] = df.get(term, 0) + n
+        return cls(list(df), np.fromiter(df.values(), dtype=np.int64, count=len(df)),
+                   sum(p.n_docs for p in parts), sum(p.n_tokens for p in parts))
+
+    def idf(self, method: str = "lucene", dtype: str = "float32") -> np.ndarray:
+        """The idf of each term (bm25s' ``_build_idf_array`` with its ``method`` formula)."""
+        from bm25s.scoring import _build_idf_array, _select_idf_scorer
+
+        return _build_idf_array(dict(enumerate(self.df.tolist())), n_docs=self.n_docs,
+                                compute_idf_fn=_select_idf_scorer(method), dtype=dtype)
 
 
 class BM25PairScorer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -225,3 +226,20 @@ def test_hybrid_tuned_on_a_sample_equals_full_tuning(mini_store, tmp_path):
     # a sample of 100 of the 200 tunes on those only (here it picks another alpha: 7.94 vs 1.995)
     assert half.stats["alpha"] in fusion.DEFAULT_ALPHA_GRID
     assert half.stats["alpha_tuning"]["curve"] != full.stats["alpha_tuning"]["curve"]
+
+
+def test_bm25_shards_give_the_single_index_run(bm25_test, mini_store, tmp_path):
+    """3 BM25 shards built with the whole corpus's statistics: the run of one index (docs, order, scores)."""
+    out = str(tmp_path / "sharded")
+    m = search(SearchConfig(data=mini_store, bm25=True, split="test", k=100, out=out, bm25_shards=3))
+    build = m.stats["bm25_build"]
+    assert build["passages"] == 1000 and [s["passages"] for s in build["shards"]] == [333, 333, 334]
+    assert all(s["peak_rss_bytes"] > 0 and s["memory_requested"] > 0 for s in build["shards"])
+    idx = storage.join(out, "bm25-index")
+    assert storage.read_manifest(idx)["counts"]["shards"] == 3
+    one = trec.read_run(storage.join(bm25_test, "run.trec"))
+    got = trec.read_run(storage.join(out, "run.trec"))
+    assert got.keys() == one.keys()
+    for qid in one:
+        assert list(got[qid]) == list(one[qid]), qid
+        np.testing.assert_allclose(list(got[qid].values()), list(one[qid].values()), rtol=0, atol=1e-5)

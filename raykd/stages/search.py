@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,8 +83,12 @@ class SearchConfig:
                                    fingerprint=False)
     bm25_workers: int = field(4, help="BM25: query shards retrieved in parallel (one Ray task each).",
                               fingerprint=False)
-    bm25_memory_gb: float = field(0.0, help="BM25: memory the index build task asks Ray for (0: estimated from "
+    bm25_memory_gb: float = field(0.0, help="BM25: memory each index build task asks Ray for (0: estimated from "
                                             "the corpus text, see docs/retrieval.md).", fingerprint=False)
+    bm25_shards: int = field(1, help="BM25: 1 builds one bm25s index of the whole corpus in one Ray task; N > 1 "
+                                     "builds N shard indexes in N Ray tasks (each ~1/N of the memory) with the whole "
+                                     "corpus's statistics, so scores and runs are those of one index "
+                                     "(docs/retrieval.md).", fingerprint=False)
     rerank: str | None = field(None, help="Candidate run to re-rank (TREC file or search output URI).")
     scorer: str | None = field(None, help="Re-rank: a saved raykd scorer (any student kind) or HF cross-encoder "
                                           "folder, or a teacher spec KIND:PATH (docs/teachers.md).")
@@ -285,42 +290,67 @@ def _bm25_params(cfg: SearchConfig):
     return BM25Params(k1=cfg.k1, b=cfg.b, stemmer=cfg.stemmer)
 
 
-def bm25_build_memory(store: TextStore) -> int:
-    """Bytes the BM25 build task asks for: ``BM25_BYTES_PER_TEXT_BYTE`` x the corpus text (Parquet's
-    uncompressed size of title + text), measured in docs/retrieval.md, plus 1 GiB."""
-    text = 0
+def _corpus_row_groups(store: TextStore) -> list[tuple[str, int, int, int]]:
+    """``(part, row group, rows, text bytes)`` of the store's corpus in row order; text bytes: Parquet's
+    uncompressed size of title + text."""
+    out = []
     for part in store.corpus_parts():
         fs, path = storage.filesystem(part)
         with fs.open(path, "rb") as f:
             md = pq.ParquetFile(f).metadata
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
-            text += sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
-                        if rg.column(c).path_in_schema in ("title", "text"))
+            out.append((part, g, rg.num_rows, sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                                                  if rg.column(c).path_in_schema in ("title", "text"))))
+    return out
+
+
+def bm25_build_memory(store: TextStore) -> int:
+    """Bytes the BM25 build task asks for: ``BM25_BYTES_PER_TEXT_BYTE`` x the corpus text (Parquet's
+    uncompressed size of title + text), measured in docs/retrieval.md, plus 1 GiB."""
+    text = sum(g[3] for g in _corpus_row_groups(store))
     return int(BM25_BYTES_PER_TEXT_BYTE * text + (1 << 30))
 
 
+def bm25_shard_memory(text_bytes: float, terms: int) -> int:
+    """Bytes a BM25 shard build task asks for: ``BM25_BYTES_PER_TEXT_BYTE`` x the shard's text, the corpus
+    vocabulary every shard holds (``BM25_BYTES_PER_TERM`` each), plus 1 GiB."""
+    return int(BM25_BYTES_PER_TEXT_BYTE * text_bytes + BM25_BYTES_PER_TERM * terms + (1 << 30))
+
+
+BM25_BYTES_PER_TERM = 300  # a str -> int dict entry, the idf and df arrays, the term list (an estimate)
+BM25_STATS_MEMORY = 2 << 30  # a statistics task: one read batch and its part's vocabulary and df counts
 BM25_BYTES_PER_TEXT_BYTE = 9.0  # measured 8.55 at 884K synthetic MS MARCO passages (docs/scale.md)
 
 
-def build_bm25(data: str, uri: str, params: dict, read_rows: int = 65536) -> dict:
-    """Build the BM25 index of the store's corpus, read batch by batch, save it (bm25s ``save``) to local
-    disk and move or upload it to ``uri``; a Ray task. Returns its timings and peak memory."""
-    import resource
+def _corpus_range(data: str, lo: int, hi: int, read_rows: int = 65536) -> Iterator[tuple[list[str], pa.Array]]:
+    """``(passage texts, doc ids)`` batches of the corpus rows ``[lo, hi)``, reading only the row groups that
+    hold them."""
+    from raykd.formats.store import passage_text
+
+    start = 0
+    for part, g, rows, _ in _corpus_row_groups(TextStore(data)):
+        if start < hi and start + rows > lo:
+            fs, path = storage.filesystem(part)
+            with fs.open(path, "rb") as f:
+                at = start
+                for b in pq.ParquetFile(f).iter_batches(batch_size=read_rows, row_groups=[g],
+                                                        columns=["doc_id", "title", "text"]):
+                    a, z = max(lo - at, 0), min(hi - at, b.num_rows)
+                    at += b.num_rows
+                    if a < z:
+                        b = b.slice(a, z - a)
+                        yield passage_text(b.column("title"), b.column("text")).to_pylist(), b.column("doc_id")
+        start += rows
+
+
+def _save_bm25(index, uri: str) -> int:
+    """Save ``index`` to local disk and move or upload it to ``uri``; its bytes."""
     import shutil
     import tempfile
 
     from raykd import dense_index as dx
-    from raykd.bm25 import BM25Index, BM25Params
-    from raykd.formats.store import passage_text
 
-    t0 = time.time()
-    store = TextStore(data)
-    batches = ((passage_text(b.column("title"), b.column("text")).to_pylist(), b.column("doc_id"))
-               for b in storage.iter_parquet_batches(store.corpus_uri, columns=["doc_id", "title", "text"],
-                                                     batch_size=read_rows))
-    index = BM25Index(BM25Params(**params)).index_batches(batches)
-    t1 = time.time()
     tmp = tempfile.mkdtemp(prefix="raykd-bm25-", dir=os.environ.get("RAYKD_TMP"))
     try:
         index.save(tmp)
@@ -332,20 +362,81 @@ def build_bm25(data: str, uri: str, params: dict, read_rows: int = 65536) -> dic
             size += os.path.getsize(os.path.join(tmp, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return size
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bm25_part_stats(data: str, lo: int, hi: int, params: dict, read_rows: int = 65536):
+    """BM25 statistics (:class:`raykd.bm25.CorpusStats`) of corpus rows ``[lo, hi)``; a Ray task.
+    ``(stats, info)``."""
+    from raykd.bm25 import BM25Params, CorpusStats
+
+    t0 = time.time()
+    stats = CorpusStats.count((t for t, _ in _corpus_range(data, lo, hi, read_rows)), BM25Params(**params))
+    return stats, {"seconds": round(time.time() - t0, 3), "peak_rss_bytes": _peak_rss()}
+
+
+def build_bm25_shard(data: str, uri: str, lo: int, hi: int, params: dict, stats, read_rows: int = 65536) -> dict:
+    """Build and save (bm25s ``save``, to ``uri``) the BM25 index of corpus rows ``[lo, hi)`` with the whole
+    corpus's statistics ``stats``; a Ray task. Returns its timings and peak memory."""
+    from raykd.bm25 import BM25Index, BM25Params
+
+    t0 = time.time()
+    index = BM25Index(BM25Params(**params)).index_shard(_corpus_range(data, lo, hi, read_rows), stats)
+    t1 = time.time()
+    size = _save_bm25(index, uri)
+    return {"first_row": lo, "passages": len(index.ids), "build_seconds": round(t1 - t0, 3),
+            "save_seconds": round(time.time() - t1, 3), "bytes": size, "peak_rss_bytes": _peak_rss()}
+
+
+def build_bm25(data: str, uri: str, params: dict, read_rows: int = 65536) -> dict:
+    """Build the BM25 index of the store's corpus, read batch by batch, save it (bm25s ``save``) to local
+    disk and move or upload it to ``uri``; a Ray task. Returns its timings and peak memory."""
+    from raykd.bm25 import BM25Index, BM25Params
+    from raykd.formats.store import passage_text
+
+    t0 = time.time()
+    store = TextStore(data)
+    batches = ((passage_text(b.column("title"), b.column("text")).to_pylist(), b.column("doc_id"))
+               for b in storage.iter_parquet_batches(store.corpus_uri, columns=["doc_id", "title", "text"],
+                                                     batch_size=read_rows))
+    index = BM25Index(BM25Params(**params)).index_batches(batches)
+    t1 = time.time()
+    size = _save_bm25(index, uri)
     return {"passages": len(index.ids), "build_seconds": round(t1 - t0, 3), "save_seconds": round(time.time() - t1, 3),
-            "bytes": size, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "bytes": size, "peak_rss_bytes": _peak_rss()}
+
+
+BM25_SHARDS = "raykd_bm25_shards.json"
 
 
 def retrieve_bm25(uri: str, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """One query shard against the saved index, loaded memory-mapped (an S3 index is downloaded once per
-    node); a Ray task. ``(rows, scores, peak RSS bytes)``."""
-    import resource
+    node); a Ray task. A sharded index is searched shard by shard, each shard's top-k taken with global rows
+    and merged (score, then row). ``(rows, scores, peak RSS bytes)``."""
+    import json
 
     from raykd.bm25 import BM25Index
 
-    index = BM25Index.load(storage.local_dir(uri), mmap=True)
-    rows, scores = index.search_rows(texts, k)
-    return rows, scores, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    folder = storage.local_dir(uri)
+    if not os.path.exists(os.path.join(folder, BM25_SHARDS)):
+        rows, scores = BM25Index.load(folder, mmap=True).search_rows(texts, k)
+        return rows, scores, _peak_rss()
+    with open(os.path.join(folder, BM25_SHARDS)) as f:
+        shards = json.load(f)["shards"]
+    rows, scores = [], []
+    for sh in shards:
+        r, s = BM25Index.load(os.path.join(folder, sh["name"]), mmap=True).search_rows(texts, k)
+        rows.append(r.astype(np.int64) + sh["first_row"])
+        scores.append(s)
+    rows, scores = np.concatenate(rows, axis=1), np.concatenate(scores, axis=1)
+    best = np.lexsort((rows, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(rows, best, 1), np.take_along_axis(scores, best, 1), _peak_rss()
 
 
 def ensure_bm25_index(cfg: SearchConfig, store: TextStore, stats: dict) -> str:
@@ -357,10 +448,15 @@ def ensure_bm25_index(cfg: SearchConfig, store: TextStore, stats: dict) -> str:
 
     uri = cfg.bm25_index or storage.join(cfg.out, "bm25-index")
     params = dataclasses.asdict(_bm25_params(cfg))
-    claim = finished.claim(uri, "bm25_index", {**params, "data": cfg.data,
+    if cfg.bm25_shards < 1:
+        raise UserError(f"--bm25-shards must be 1 or more (got {cfg.bm25_shards})")
+    sharded = {"shards": cfg.bm25_shards} if cfg.bm25_shards > 1 else {}
+    claim = finished.claim(uri, "bm25_index", {**params, **sharded, "data": cfg.data,
                                                "data.created_at": finished.input_identity(cfg.data)})
     if claim.finished:
         return uri
+    if sharded:
+        return build_bm25_shards(cfg, store, uri, params, claim, stats)
     memory = int(cfg.bm25_memory_gb * 2**30) or bm25_build_memory(store)
     log.info("building the BM25 index of %s in a Ray task asking for %.1f GiB", store.uri, memory / 2**30)
     init_ray()
@@ -372,6 +468,63 @@ def ensure_bm25_index(cfg: SearchConfig, store: TextStore, stats: dict) -> str:
     stats["bm25_build"] = info
     log.info("BM25 index of %s passages built in %.1f s (peak RSS %.2f GiB)", f"{info['passages']:,}",
              info["build_seconds"], info["peak_rss_bytes"] / 2**30)
+    return uri
+
+
+def build_bm25_shards(cfg: SearchConfig, store: TextStore, uri: str, params: dict, claim, stats: dict) -> str:
+    """The sharded BM25 index: Ray tasks count the statistics of the shards' row ranges (df per term,
+    passages, tokens), merged here into the whole corpus's; then one Ray task per shard builds and saves its
+    index with them (memory asked for: :func:`bm25_shard_memory`); ``raykd_bm25_shards.json`` lists the
+    shards and ``ids.parquet`` holds every row's doc_id."""
+    import json
+
+    import ray
+
+    from raykd.bm25 import CorpusStats
+    from raykd.runtime import init_ray
+
+    groups = _corpus_row_groups(store)
+    n = sum(g[2] for g in groups)
+    text = sum(g[3] for g in groups)
+    shards = max(1, min(cfg.bm25_shards, n))
+    bounds = [n * i // shards for i in range(shards + 1)]
+    init_ray()
+    t0 = time.time()
+    task = ray.remote(bm25_part_stats).options(num_cpus=1, memory=BM25_STATS_MEMORY, max_retries=0)
+    parts = ray.get([task.remote(cfg.data, bounds[i], bounds[i + 1], params) for i in range(shards)])
+    total = CorpusStats.merge([p[0] for p in parts])
+    del parts[:]
+    t1 = time.time()
+    log.info("BM25 statistics of %s passages (%s terms) counted in %.1f s by %d tasks", f"{total.n_docs:,}",
+             f"{len(total.terms):,}", t1 - t0, shards)
+    ref = ray.put(total)
+    infos, memory = [], []
+    for i in range(shards):
+        mem = int(cfg.bm25_memory_gb * 2**30) or bm25_shard_memory(text * (bounds[i + 1] - bounds[i]) / max(n, 1),
+                                                                   len(total.terms))
+        memory.append(mem)
+        infos.append(ray.remote(build_bm25_shard).options(num_cpus=1, memory=mem, max_retries=0).remote(
+            cfg.data, storage.join(uri, f"shard-{i:05d}"), bounds[i], bounds[i + 1], params, ref))
+    log.info("building %d BM25 shards of %s in Ray tasks asking for up to %.1f GiB each", shards, store.uri,
+             max(memory) / 2**30)
+    infos = ray.get(infos)
+    for i, info in enumerate(infos):
+        info.update(name=f"shard-{i:05d}", memory_requested=memory[i])
+    ids = pa.concat_arrays([storage.read_parquet(storage.join(uri, info["name"], "ids.parquet"))["doc_id"]
+                            .combine_chunks() for info in infos])
+    storage.write_parquet_atomic(pa.table({"doc_id": ids}), storage.join(uri, "ids.parquet"))
+    storage.write_bytes_atomic(storage.join(uri, BM25_SHARDS), json.dumps(
+        {"shards": [{"name": i["name"], "first_row": i["first_row"], "passages": i["passages"]} for i in infos],
+         "passages": total.n_docs, "tokens": total.n_tokens, "terms": len(total.terms)}, indent=1).encode())
+    info = {"passages": total.n_docs, "shards": infos, "terms": len(total.terms), "stats_seconds": round(t1 - t0, 3),
+            "build_seconds": round(time.time() - t1, 3), "bytes": sum(i["bytes"] for i in infos),
+            "peak_rss_bytes": max(i["peak_rss_bytes"] for i in infos)}
+    storage.write_manifest(uri, "bm25_index", format="raykd.bm25", config={**params, "shards": shards},
+                           inputs={"data": cfg.data}, counts={"passages": total.n_docs, "shards": shards},
+                           stats={**info, "memory_requested": max(memory)}, fingerprint=claim.fingerprint)
+    stats["bm25_build"] = info
+    log.info("BM25 index of %s passages built in %d shards in %.1f s (peak RSS per shard task %.2f GiB)",
+             f"{total.n_docs:,}", shards, time.time() - t0, info["peak_rss_bytes"] / 2**30)
     return uri
 
 
