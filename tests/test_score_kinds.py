@@ -142,8 +142,14 @@ def test_rerun_after_a_crash_in_the_finishing_pass_equals_the_run(mixed, tmp_pat
                 m.stats["normalization"]["teachers"][n][key], rel=1e-6, abs=1e-6)
     got, want = TripleScores(out).table(), s.table()
     assert got.select(KEYS).equals(want.select(KEYS))
+    # the rescored part ran in other batches (other padding), so a raw score may move by float noise (< 1e-4);
+    # z-scoring divides it by each teacher's std (tiny random teachers: std ~0.01), so the ensemble's bound is
+    # 1e-4 x sum_t (w_t / std_t) / sum_t w_t
+    std = {n: m.stats["normalization"]["teachers"][n]["std"] for n in s.teachers}
+    ensemble_tol = 1e-4 * sum(w / std[n] for w, n in zip(WEIGHTS, s.teachers)) / sum(WEIGHTS)
     for c in want.column_names[3:]:
-        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-4, atol=1e-4, err_msg=c)  # a rescored part: other batches
+        tol = 1e-4 if "__" in c else 2 * ensemble_tol  # margin: two ensemble scores
+        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-4, atol=tol, err_msg=c)
 
 
 def test_a_headless_teacher_of_any_kind_is_refused_before_ray_work(sample_store, tiny_models, tmp_path):
