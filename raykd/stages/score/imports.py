@@ -147,7 +147,8 @@ def _read_lightonai(cfg: ImportScoresConfig, store) -> tuple[pa.Table, pa.Table,
         pid_of = {d: int(p) for d, p in zip(docs, found.tolist()) if p >= 0}
         if store.has_qrels(cfg.split):
             positives = {}
-            qr = store.qrels(cfg.split).filter(pc.is_valid(store.qrels(cfg.split)["pid"]))
+            qr = store.qrels(cfg.split)
+            qr = qr.filter(pc.is_valid(qr["pid"]))
             for a, b, rel in zip(qr["qid"].to_pylist(), qr["pid"].to_pylist(), qr["relevance"].to_pylist()):
                 if rel > 0:
                     positives.setdefault(a, set()).add(b)
