@@ -8,12 +8,14 @@ dense, re-ranking and hybrid search, evaluation and the report."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from raykd import storage
 from raykd.stages.demo import DemoConfig, demo
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"bm25", "dense bert_dot_margin_mse", "dense bert_dot_labels", "dense tct_colbert",
         "rerank bm25 > colbert_margin_mse", "rerank bm25 > teacher_bert_wide", "hybrid bm25 + bert_dot_margin_mse"}
 
@@ -41,6 +43,8 @@ def test_demo_to_s3_end_to_end_and_resumes(ray_cluster, s3_uri, tmp_path):
     assert stored["distillation_verdict"] in {"no significant difference", "significantly better", "significantly worse"}
     assert set(stored["teachers_val_mrr10"]) == {"teacher_bert_wide", "teacher_bert_narrow"}
     assert "Teachers' validation MRR@10" in md
+    # the tiny teachers show the pipeline; the report sends a reader to the real-data reproduction for the method
+    assert "docs/reproduction.md" in md and os.path.exists(os.path.join(ROOT, "docs", "reproduction.md"))
     # a teacher under the bar is trained once more from a fresh initialisation; the better run scores the triples
     scored = []
     for name, runs in stored["teacher_runs"].items():
