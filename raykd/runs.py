@@ -15,6 +15,8 @@ Here rather than in a stage so that no stage imports another stage (tests/test_a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,16 +51,27 @@ def store_qrels(store: TextStore, split: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def run_table(uri: str) -> pa.Table:
+def _run_parquet(uri: str) -> str | None:
+    """The run.parquet of a search output (None: a TREC file, or an output holding only its run.trec)."""
+    if storage.has_manifest(uri):
+        storage.read_manifest(uri, stage="search", format=FORMAT)
+        if storage.exists(storage.join(uri, "run.parquet")):
+            return storage.join(uri, "run.parquet")
+    return None
+
+
+def run_table(uri: str, printed: bool = False) -> pa.Table:
     """A run as columns ``query_id`` (string), ``doc_id`` (string), ``score`` (float64), one row per line, for
     runs too large for a dict of dicts (400K queries x 200). A search output gives its ``run.trec``'s rows from
     ``run.parquet``; a TREC file (6 columns, or MS MARCO's 3 with score = -rank) is parsed by pyarrow's CSV
     reader, and by :func:`raykd.formats.trec.iter_run` (errors naming the line) when it is not plainly
-    single-space or tab separated."""
-    if storage.has_manifest(uri):
-        storage.read_manifest(uri, stage="search", format=FORMAT)
-        t = storage.read_parquet(storage.join(uri, "run.parquet"), columns=["query_id", "doc_id", "score"])
-        return t.set_column(2, "score", t["score"].cast(pa.float64()))
+    single-space or tab separated. ``printed``: a search output's scores as its run.trec prints them
+    (:func:`raykd.formats.trec.printed_scores`), so the output and its run.trec give the same run."""
+    parquet = _run_parquet(uri)
+    if parquet:
+        t = storage.read_parquet(parquet, columns=["query_id", "doc_id", "score"])
+        score = trec.printed_scores(t["score"].to_numpy()) if printed else t["score"].cast(pa.float64())
+        return t.set_column(2, "score", pa.array(score, pa.float64()) if printed else score)
     path = run_file(uri)
     try:
         return _run_table_csv(path)
@@ -154,10 +167,59 @@ def write_run(table: pa.Table, out: str, tag: str) -> None:
                       storage.join(out, "run.trec"), tag=tag)
 
 
+def _codes(ids) -> np.ndarray:
+    """Integer codes of ``ids`` (equal ids, equal codes; numbered in order of first appearance)."""
+    return ids.combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def repeated_rows(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """The rows whose (query, doc) codes an earlier row already has, in row order."""
+    order = np.lexsort((np.arange(len(docs)), docs, queries))
+    same = (queries[order][1:] == queries[order][:-1]) & (docs[order][1:] == docs[order][:-1])
+    return np.sort(order[1:][same])
+
+
+def checked_run(uri: str, corpus: pa.Table | None = None, where: str = "") -> pa.Table:
+    """Run ``uri`` as :func:`run_table` gives it (a search output's scores as its run.trec prints them), refused
+    with the file and line (or run.parquet's row) of the first document not in ``corpus`` (:func:`corpus_ids`,
+    when given; ``where`` names it), then of the first document repeated for a query."""
+    t = run_table(uri, printed=True)
+    path = run_file(uri)
+    if corpus is not None:
+        bad = np.flatnonzero(pids_of(corpus, t["doc_id"]) < 0)
+        if len(bad):
+            row = int(bad[0])
+            raise _bad_entry(uri, path, row, f"document {t['doc_id'][row].as_py()} is not in the corpus of {where}")
+    twice = repeated_rows(_codes(t["query_id"]), _codes(t["doc_id"]))
+    if len(twice):
+        row = int(twice[0])
+        raise _bad_entry(uri, path, row, f"document {t['doc_id'][row].as_py()} appears twice for query "
+                                         f"{t['query_id'][row].as_py()}")
+    return t
+
+
+def query_blocks(run: pa.Table, queries: int = 500) -> Iterator[dict[str, dict[str, float]]]:
+    """``run`` (``query_id``, ``doc_id``, ``score``) as ``{query_id: {doc_id: score}}`` dicts of ``queries`` queries
+    each, queries in order of first appearance: what :func:`raykd.metrics.evaluate_blocks` reads, holding one
+    block's Python objects at a time."""
+    codes = _codes(run["query_id"])
+    order = np.argsort(codes, kind="stable")
+    run, codes = run.take(pa.array(order)), codes[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    bounds = np.r_[starts[::queries], len(codes)] if len(codes) else np.zeros(1, np.int64)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        block: dict[str, dict[str, float]] = {}
+        part = run.slice(a, b - a)
+        for q, d, v in zip(part["query_id"].to_pylist(), part["doc_id"].to_pylist(), part["score"].to_pylist()):
+            block.setdefault(q, {})[d] = v
+        yield block
+
+
 def _bad_entry(uri: str, path: str, row: int, message: str) -> FormatError:
     """The error naming where row ``row`` of the run ``uri`` is: run.parquet's row, or the TREC file's line."""
-    if storage.has_manifest(uri):
-        return FormatError(storage.join(uri, "run.parquet"), None, f"row {row}: {message}")
+    parquet = _run_parquet(uri)
+    if parquet:
+        return FormatError(parquet, None, f"row {row}: {message}")
     for i, r in enumerate(trec.iter_run(path)):
         if i == row:
             return FormatError(path, r.line, message)
@@ -174,10 +236,8 @@ def store_run(uri: str, store: TextStore, split: str, only: set[str] | None = No
     Arrow joins, never a dict over the corpus. ``printed``: scores as run.trec carries them
     (:func:`raykd.formats.trec.printed_scores`) also when read from run.parquet, so a search output and its
     run.trec give the same run."""
-    t = run_table(uri)
+    t = run_table(uri, printed)
     path = run_file(uri)
-    if printed and storage.has_manifest(uri):
-        t = t.set_column(2, "score", pa.array(trec.printed_scores(t["score"].to_numpy())))
     queries = store.queries(split).select(["qid", "query_id"])
     qrow = pc.fill_null(pc.index_in(t["query_id"], value_set=queries["query_id"].combine_chunks()), -1).to_numpy(
         zero_copy_only=False).astype(np.int64)
@@ -187,10 +247,7 @@ def store_run(uri: str, store: TextStore, split: str, only: set[str] | None = No
             zero_copy_only=False))
     else:
         kept = np.arange(t.num_rows)
-    docs = t["doc_id"].combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)[kept]
-    order = np.lexsort((kept, docs, qrow[kept]))
-    same = (qrow[kept][order][1:] == qrow[kept][order][:-1]) & (docs[order][1:] == docs[order][:-1])
-    twice = kept[order[1:][same]]
+    twice = kept[repeated_rows(qrow[kept], _codes(t["doc_id"])[kept])]
     if len(bad_query) or len(twice):
         row = int(min(np.concatenate([bad_query, twice])))
         q, d = t["query_id"][row].as_py(), t["doc_id"][row].as_py()
