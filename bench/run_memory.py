@@ -1,5 +1,5 @@
-"""Driver memory and time of a search result's path to run.parquet + run.trec: the former dict of dicts against the
-Arrow table (raykd.runs), on a synthetic MS MARCO dev-sized result, side by side in one run.
+"""Driver memory and time of a search result's path to run.parquet + run.trec, and of evaluating that run: the former
+dict of dicts against the Arrow table (raykd.runs), on a synthetic MS MARCO dev-sized result, side by side.
 
     python bench/run_memory.py [--queries 6980] [--k 1000] [--passages 1000000] [--work DIR]
 
@@ -7,7 +7,9 @@ A synthetic text store (queries, corpus ids; no texts) and a (queries, k) rows/s
 returns (BM25 scores > 0: every entry kept). Each path runs in its own process, so its peak RSS is its own:
 ``held`` is the RSS the result holds once converted (the dict, or the table), ``peak`` the process's peak over
 the conversion and the writes, both above the RSS before the conversion (store ids and arrays loaded). Both
-paths' files are compared byte for byte.
+paths' files are compared byte for byte. Then evaluate (MRR@10, R@1000 against one synthetic judged passage per
+query) of the written run.trec, each way in its own process: the whole run as a dict (trec.read_run +
+metrics.evaluate, as evaluate did) against runs.checked_run + metrics.evaluate_blocks (what it does now).
 """
 
 from __future__ import annotations
@@ -99,7 +101,26 @@ def new_path(store, query_ids: pa.Array, doc_ids: pa.Array, rows, scores, out: s
     return {"convert_s": t1 - t0, "write_s": time.perf_counter() - t1, "held": held}
 
 
+def evaluate_path(args) -> None:
+    from raykd import metrics
+    from raykd.formats import trec
+    from raykd.runs import checked_run, query_blocks
+
+    qrels = trec.read_qrels(os.path.join(args.work, "qrels.trec"))
+    run_uri = os.path.join(args.work, "new", "run.trec")
+    base = _rss()
+    t0 = time.perf_counter()
+    if args.one == "eval-old":
+        ev = metrics.evaluate(trec.read_run(run_uri), qrels, ["MRR@10", "R@1000"])
+    else:
+        ev = metrics.evaluate_blocks(query_blocks(checked_run(run_uri)), qrels, ["MRR@10", "R@1000"])
+    print(json.dumps({"path": args.one, "seconds": round(time.perf_counter() - t0, 2), "mean": ev.mean,
+                      "peak_gb": round((_rss("VmHWM") - base) / 2**30, 3)}))
+
+
 def one(args) -> None:
+    if args.one.startswith("eval"):
+        return evaluate_path(args)
     from raykd.formats.store import TextStore
     from raykd.runs import corpus_ids
 
@@ -121,14 +142,19 @@ def main() -> None:
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--passages", type=int, default=1_000_000)
     p.add_argument("--work", default=None)
-    p.add_argument("--one", choices=["old", "new"], help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=["old", "new", "eval-old", "eval-new"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return one(args)
     args.work = args.work or tempfile.mkdtemp(prefix="raykd-run-memory-")
     make_store(os.path.join(args.work, "store"), args.queries, args.passages)
+    rows, _ = result(args.queries, args.k, args.passages)
+    judged = rows[np.arange(args.queries), np.random.default_rng(1).integers(0, args.k, args.queries)]
+    with open(os.path.join(args.work, "qrels.trec"), "w") as f:
+        f.writelines(f"q{i * 7 + 3} 0 {d} 1\n" for i, d in enumerate(judged.tolist()))
+    del rows
     out = {}
-    for path in ("old", "new"):
+    for path in ("old", "new", "eval-old", "eval-new"):
         line = subprocess.run([sys.executable, __file__, "--one", path, "--work", args.work, "--queries",
                                str(args.queries), "--k", str(args.k), "--passages", str(args.passages)],
                               check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -137,7 +163,10 @@ def main() -> None:
     for name in ("run.trec", "run.parquet"):
         with open(os.path.join(args.work, "old", name), "rb") as a, open(os.path.join(args.work, "new", name), "rb") as b:
             assert a.read() == b.read(), f"{name} differs"
-    print(json.dumps({"rows": args.queries * args.k, "files_identical": True,
+    assert out["eval-old"]["mean"] == out["eval-new"]["mean"]
+    print(json.dumps({"rows": args.queries * args.k, "files_identical": True, "evaluations_equal": True,
+                      "evaluate_peak_ratio_old_to_new": round(out["eval-old"]["peak_gb"]
+                                                              / max(out["eval-new"]["peak_gb"], 1e-3), 1),
                       "held_ratio_old_to_new": round(out["old"]["held_gb"] / max(out["new"]["held_gb"], 1e-3), 1),
                       "peak_ratio_old_to_new": round(out["old"]["peak_gb"] / max(out["new"]["peak_gb"], 1e-3), 1),
                       "time_ratio_old_to_new": round((out["old"]["convert_s"] + out["old"]["write_s"])

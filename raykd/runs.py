@@ -97,7 +97,8 @@ def _run_table_csv(path: str) -> pa.Table:
     with storage.open_read(path, "rb") as f:
         t = pcsv.read_csv(f, read_options=pcsv.ReadOptions(column_names=names, block_size=8 << 20),
                           parse_options=pcsv.ParseOptions(delimiter=sep, quote_char=False),
-                          convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+                          convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False,
+                                                            include_columns=[n for n in names if n in types]))
     score = pc.negate(t["rank"].cast(pa.float64())) if width == 3 else t["score"]
     if pc.any(pc.is_nan(score)).as_py():
         raise ValueError("NaN score")
