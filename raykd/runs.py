@@ -103,6 +103,8 @@ def _run_table_csv(path: str) -> pa.Table:
     if pc.any(pc.is_nan(score)).as_py():
         raise ValueError("NaN score")
     return pa.table({"query_id": t["query_id"], "doc_id": t["doc_id"], "score": score})
+
+
 def corpus_ids(store: TextStore) -> pa.Table:
     """``pid`` and ``doc_id`` of every passage, as Arrow columns (no per-passage Python objects)."""
     return store.corpus(columns=["pid", "doc_id"])
