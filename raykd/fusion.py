@@ -11,7 +11,8 @@ dense inner product, whose scales differ per model (BM25 ~10-40; a normalised en
 ColBERT's unnormalised dot ~100), so it is tuned on training queries (:func:`tune_alpha`) by a grid search.
 
 Fusion is vectorised: one Arrow full outer join of the two runs on (query, doc) (:class:`ListUnion`), then each
-alpha is a numpy expression and a sort; the search stage runs the alpha sweep in parallel Ray tasks.
+alpha is a numpy expression and a sort; the search stage hands it Arrow tables and takes the fused run back as
+one (:meth:`ListUnion.table`), and runs the alpha sweep in parallel Ray tasks.
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ def run_table(run: Run) -> pa.Table:
 
 
 class ListUnion:
-    """The union of two runs' lists as aligned columns (an Arrow full outer join on (query, doc)), each
+    """The union of two runs' lists (tables ``query_id``, ``doc_id``, ``score``; other columns are ignored) as
+    aligned columns (an Arrow full outer join on (query, doc)), each
     side's score filled by Eq. 7's rule: missing from the list -> the list's minimum for the query; query
     missing from the run -> 0. Built once, fused for any alpha."""
 
     def __init__(self, dense: pa.Table, sparse: pa.Table):
+        dense, sparse = (t.select(["query_id", "doc_id"]).append_column("score", t["score"].cast(pa.float64()))
+                         for t in (dense, sparse))
         j = dense.join(sparse, keys=["query_id", "doc_id"], join_type="full outer",
                        left_suffix="_dense", right_suffix="_sparse")
         for side, t in (("dense", dense), ("sparse", sparse)):
@@ -78,6 +82,13 @@ class ListUnion:
             rank = np.arange(len(c)) - np.repeat(starts, np.diff(np.r_[starts, len(c)]))
             order = order[rank < k]
         return order, fused[order]
+
+    def table(self, alpha: float, k: int | None) -> pa.Table:
+        """The fused run as a ranked run table ``query_id``, ``doc_id``, ``score`` (float64): queries in query_id
+        order, each query's best ``k`` (None: all) in trec_eval's order."""
+        rows, fused = self.fuse(alpha, k)
+        return pa.table({"query_id": self.query_id.take(rows), "doc_id": self.doc_id.take(rows),
+                         "score": pa.array(fused, pa.float64())})
 
     def run(self, alpha: float, k: int | None) -> dict[str, dict[str, float]]:
         rows, fused = self.fuse(alpha, k)

@@ -18,7 +18,7 @@ Which queries count (trec_eval's rules, made explicit):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ir_measures
@@ -76,26 +76,42 @@ def evaluate(
     complete: bool = False,
 ) -> Evaluation:
     """Evaluate ``run`` ({qid: {docno: score}}) against ``qrels`` ({qid: {docno: grade}})."""
+    return evaluate_blocks([run], qrels, measures, complete)
+
+
+def evaluate_blocks(
+    blocks: Iterable[Mapping[str, Mapping[str, float]]],
+    qrels: Mapping[str, Mapping[str, int]],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    complete: bool = False,
+) -> Evaluation:
+    """:func:`evaluate` of a run given as blocks of whole queries (each query in one block, e.g.
+    :func:`raykd.runs.query_blocks` of a run table), one block held at a time: every measure here is a
+    per-query value, so the result is the whole run's."""
     if not measures:
         raise UserError("no measures given")
     parsed = {name: parse_measure(name) for name in measures}
-    without_qrels = sorted(q for q in run if q not in qrels)
-    judged_run = {q: dict(docs) for q, docs in run.items() if q in qrels and docs}
-    missing = sorted(q for q in qrels if q not in judged_run)
-    if not judged_run and not (complete and qrels):
-        raise UserError(
-            f"none of the run's {len(run)} queries has qrels (e.g. {', '.join(list(run)[:3]) or 'none'}): "
-            f"the run and the qrels are for different query sets, or the query ids differ"
-        )
     by_measure: dict = {}
     for name, m in parsed.items():
         by_measure.setdefault(m, []).append(name)
-    per_query: dict[str, dict[str, float]] = {q: {} for q in judged_run}
-    used_qrels = {q: dict(d) for q, d in qrels.items() if q in judged_run}
-    if judged_run:
-        for m in ir_measures.iter_calc(list(by_measure), used_qrels, judged_run):
-            for name in by_measure[m.measure]:
-                per_query[m.query_id][name] = float(m.value)
+    run_queries: list[str] = []
+    per_query: dict[str, dict[str, float]] = {}
+    for run in blocks:
+        run_queries.extend(run)
+        judged_run = {q: dict(docs) for q, docs in run.items() if q in qrels and docs}
+        per_query.update({q: {} for q in judged_run})
+        if judged_run:
+            used_qrels = {q: dict(qrels[q]) for q in judged_run}
+            for m in ir_measures.iter_calc(list(by_measure), used_qrels, judged_run):
+                for name in by_measure[m.measure]:
+                    per_query[m.query_id][name] = float(m.value)
+    without_qrels = sorted(q for q in run_queries if q not in qrels)
+    missing = sorted(q for q in qrels if q not in per_query)
+    if not per_query and not (complete and qrels):
+        raise UserError(
+            f"none of the run's {len(run_queries)} queries has qrels (e.g. {', '.join(run_queries[:3]) or 'none'}): "
+            f"the run and the qrels are for different query sets, or the query ids differ"
+        )
     if complete:
         for q in missing:
             per_query[q] = {name: 0.0 for name in parsed}

@@ -94,3 +94,22 @@ def test_report_files_with_latency_from_search_outputs(shared, tmp_path):
     assert storage.read_manifest(rep, stage="evaluate")["counts"] == {"runs": 2}
     per_q = storage.read_parquet(storage.join(rep, "per_query.parquet"))
     assert per_q.num_rows == 2 * 3 * 2
+
+
+def test_a_run_is_evaluated_by_query_blocks_as_a_whole_dict_was(shared, tmp_path):
+    """evaluate reads the run as an Arrow table and evaluates blocks of whole queries (no whole-run dict): the
+    values equal the dict of dicts evaluated at once; a document repeated for a query is named by line."""
+    from raykd import metrics
+    from raykd.runs import checked_run, query_blocks
+
+    d = shared("trec_eval_ref")
+    qrels = trec.read_qrels(str(d / "qrels.test"))
+    measures = ["map", "recip_rank", "nDCG@10", "R@1000", "P@10"]
+    whole = metrics.evaluate(trec.read_run(str(d / "results.test")), qrels, measures)
+    blocks = list(query_blocks(checked_run(str(d / "results.test")), queries=2))
+    assert [len(b) for b in blocks] == [2, 1]
+    assert metrics.evaluate_blocks(blocks, qrels, measures) == whole
+    run = tmp_path / "run.trec"
+    run.write_text("q1 Q0 a 1 2.0 x\nq2 Q0 a 1 2.0 x\nq1 Q0 b 2 1.0 x\nq1 Q0 a 3 0.5 x\n")
+    with pytest.raises(FormatError, match=r"run.trec, line 4: document a appears twice for query q1"):
+        evaluate(EvaluateConfig(run=[str(run)], qrels=str(d / "qrels.test")))

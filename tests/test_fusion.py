@@ -68,3 +68,18 @@ def test_vectorised_fusion_equals_the_reference_with_ties_and_missing_queries():
     for alpha in (0.0, 0.3, 1.0, 7.5):
         for k in (None, 10, 40):
             assert fusion.hybrid(dense, sparse, alpha, k) == _eq7_reference(dense, sparse, alpha, k), (alpha, k)
+
+
+def test_fused_table_is_the_fused_run_in_trec_eval_order():
+    """ListUnion.table (what search writes) holds hybrid()'s run: queries in id order, each in trec_eval's order."""
+    from raykd.formats import trec
+
+    rng = np.random.default_rng(5)
+    docs = [f"d{i}" for i in range(40)]
+    dense = {q: {d: float(round(rng.normal(), 1)) for d in rng.choice(docs, 20, replace=False)} for q in ("q2", "q1")}
+    sparse = {q: {d: float(round(rng.normal(), 1)) for d in rng.choice(docs, 15, replace=False)} for q in ("q3", "q1")}
+    for alpha, k in ((0.0, None), (0.7, 10)):
+        t = fusion.ListUnion(fusion.run_table(dense), fusion.run_table(sparse)).table(alpha, k)
+        want = hybrid(dense, sparse, alpha, k)
+        assert list(zip(t["query_id"].to_pylist(), t["doc_id"].to_pylist(), t["score"].to_pylist())) == [
+            (q, d, s) for q in sorted(want) for d, s in trec.trec_order(want[q])]

@@ -148,10 +148,17 @@ def test_hybrid_with_given_alpha_is_eq7(bm25_test, mini_store, tmp_path):
     assert m.stats["alpha"] == 0.3
     want = fusion.hybrid(trec.read_run(storage.join(other, "run.trec")),
                          trec.read_run(storage.join(bm25_test, "run.trec")), 0.3, 100)
-    got = trec.read_run(storage.join(out, "run.trec"))
-    assert got.keys() == want.keys()
-    for q in got:
-        assert got[q] == pytest.approx(want[q], rel=1e-6)
+    # the run the dict-based fusion of the two run.trec files gave, to the byte (inputs read from run.parquet)
+    assert storage.read_bytes(storage.join(out, "run.trec")).decode() == trec.format_run(want, "raykd-hybrid", 100)
+    table = pq.read_table(storage.join(out, "run.parquet"))
+    assert table["score"].to_pylist() == pa.array([s for d in want.values() for _, s in trec.trec_order(d)],
+                                                  pa.float32()).to_pylist()
+    assert m.counts == {"queries": len(want), "results": sum(map(len, want.values())), "k": 100}
+    # the inputs given as their run.trec files fuse to the same run
+    files = str(tmp_path / "h-files")
+    search(SearchConfig(data=mini_store, hybrid=True, dense=storage.join(other, "run.trec"),
+                        sparse=storage.join(bm25_test, "run.trec"), alpha=0.3, split="test", k=100, out=files))
+    assert storage.read_bytes(storage.join(files, "run.trec")) == storage.read_bytes(storage.join(out, "run.trec"))
     with pytest.raises(UserError, match="give --tune-dense and --tune-sparse"):
         search(SearchConfig(data=mini_store, hybrid=True, dense=other, sparse=bm25_test, split="test",
                             out=str(tmp_path / "h2")))
@@ -223,6 +230,10 @@ def test_hybrid_tuned_on_a_sample_equals_full_tuning(mini_store, tmp_path):
                                      store_qrels(store, "train"), k=100)
     assert full.stats["alpha"] == alpha
     assert full.stats["alpha_tuning"]["curve"] == [list(av) for av in curve]
+    want = fusion.hybrid(trec.read_run(storage.join(runs["test", "plain"], "run.trec")),
+                         trec.read_run(storage.join(runs["test", "bm25"], "run.trec")), alpha, 100)
+    got = storage.read_bytes(storage.join(str(tmp_path / "full"), "run.trec")).decode()
+    assert got == trec.format_run(want, "raykd-hybrid", 100)
     # a sample of 100 of the 200 tunes on those only (here it picks another alpha: 7.94 vs 1.995)
     assert half.stats["alpha"] in fusion.DEFAULT_ALPHA_GRID
     assert half.stats["alpha_tuning"]["curve"] != full.stats["alpha_tuning"]["curve"]
@@ -243,3 +254,88 @@ def test_bm25_shards_give_the_single_index_run(bm25_test, mini_store, tmp_path):
     for qid in one:
         assert list(got[qid]) == list(one[qid]), qid
         np.testing.assert_allclose(list(got[qid].values()), list(one[qid].values()), rtol=0, atol=1e-5)
+
+
+def _old_run_of(query_ids, doc_ids, rows, scores, keep):
+    """The dict of dicts search built before runs stayed Arrow tables (its ``_run_of``)."""
+    docs = doc_ids.take(pa.array(rows[keep].astype(np.int64))).to_pylist()
+    vals = scores[keep].astype(float).tolist()
+    run, pos = {}, 0
+    for qid, n in zip(query_ids, keep.sum(axis=1).tolist()):
+        run[qid] = dict(zip(docs[pos : pos + n], vals[pos : pos + n]))
+        pos += n
+    return run
+
+
+def _old_write_run(store, split, run, out, tag, k):
+    """run.parquet and run.trec as search wrote them from that dict (its ``_write_run``)."""
+    from raykd.runs import corpus_ids, pids_of
+
+    queries = store.queries(split)
+    qid_of = dict(zip(queries["query_id"].to_pylist(), queries["qid"].to_pylist()))
+    cols = {"qid": [], "query_id": [], "doc_id": [], "rank": [], "score": []}
+    for q, docs in run.items():
+        for rank, (d, s) in enumerate(trec.trec_order(docs)[:k], start=1):
+            for name, v in zip(cols, (qid_of[q], q, d, rank, s)):
+                cols[name].append(v)
+    doc_ids = pa.array(cols["doc_id"], pa.string())
+    storage.write_parquet_atomic(pa.table({
+        "qid": pa.array(cols["qid"], pa.int64()), "query_id": pa.array(cols["query_id"], pa.string()),
+        "pid": pa.array(pids_of(corpus_ids(store), doc_ids), pa.int64()), "doc_id": doc_ids,
+        "rank": pa.array(cols["rank"], pa.int32()), "score": pa.array(cols["score"], pa.float32())}),
+        storage.join(out, "run.parquet"))
+    trec.write_run(run, storage.join(out, "run.trec"), tag=tag, k=k)
+
+
+def test_search_results_stay_tables_and_write_what_the_dict_run_wrote(mini_store, tmp_path):
+    """A searcher's (queries, k) rows and scores become a ranked Arrow table (no dict run), and run.parquet and
+    run.trec written from it are, byte for byte, what the former dict-of-dicts path wrote: dense's rows >= 0
+    and BM25's scores > 0 kept, ties (scores rounded to 0.1) ordered by doc_id descending, an empty query."""
+    from raykd.runs import corpus_ids, run_columns, top_k_table, write_run
+
+    store = TextStore(mini_store)
+    query_ids = store.queries("test")["query_id"].combine_chunks()
+    doc_ids = corpus_ids(store)["doc_id"].combine_chunks()
+    rng = np.random.default_rng(11)
+    nq, k = len(query_ids), 30
+    rows = np.argsort(rng.random((nq, len(doc_ids))), axis=1)[:, :k]
+    scores = np.round(rng.normal(size=(nq, k)), 1).astype(np.float32)
+    dense_rows = rows.copy()  # faiss: -1 where a query found fewer than k
+    dense_rows[rng.random((nq, k)) < 0.1] = -1
+    dense_rows[3] = -1
+    for mode, got, keep in (("dense", dense_rows, dense_rows >= 0), ("bm25", rows, scores > 0)):
+        table = top_k_table(query_ids, doc_ids, got, scores, keep)
+        assert isinstance(table, pa.Table) and table.column_names == ["query_id", "doc_id", "score"]
+        write_run(run_columns(table, store, "test"), str(tmp_path / mode / "new"), tag=f"raykd-{mode}")
+        old = _old_run_of(query_ids.to_pylist(), doc_ids, got, scores, keep)
+        _old_write_run(store, "test", old, str(tmp_path / mode / "old"), f"raykd-{mode}", k)
+        for name in ("run.trec", "run.parquet"):
+            assert (tmp_path / mode / "new" / name).read_bytes() == (tmp_path / mode / "old" / name).read_bytes()
+
+
+def test_bm25_run_returns_a_table(bm25_test, mini_store):
+    from raykd.stages.search import bm25_run
+
+    cfg = SearchConfig(data=mini_store, bm25=True, split="test", k=100, bm25_index=storage.join(bm25_test,
+                                                                                               "bm25-index"))
+    table = bm25_run(cfg, TextStore(mini_store), "test", {})
+    assert isinstance(table, pa.Table) and table.column_names == ["query_id", "doc_id", "score"]
+    written = pq.read_table(storage.join(bm25_test, "run.parquet"))
+    assert table.select(["query_id", "doc_id"]).equals(written.select(["query_id", "doc_id"]))
+
+
+def test_hybrid_refuses_search_outputs_naming_unknown_or_repeated_documents(bm25_test, mini_store, tmp_path):
+    """A search output given as input is read from its run.parquet: a bad entry is named by file and row."""
+    bad = tmp_path / "bad"
+    shutil.copytree(bm25_test, bad, ignore=shutil.ignore_patterns("bm25-index"))
+    path = str(bad / "run.parquet")
+    t = pq.read_table(path)
+    docs = t["doc_id"].to_pylist()
+    for row, doc, message in ((5, "NOT-A-DOC", "document NOT-A-DOC is not in the corpus"),
+                              (1, docs[0], f"document {docs[0]} appears twice for query {t['query_id'][1].as_py()}")):
+        changed = list(docs)
+        changed[row] = doc
+        pq.write_table(t.set_column(t.schema.get_field_index("doc_id"), "doc_id", pa.array(changed)), path)
+        with pytest.raises(FormatError, match=rf"bad/run.parquet: row {row}: {message}"):
+            search(SearchConfig(data=mini_store, hybrid=True, dense=str(bad), sparse=bm25_test, alpha=0.5,
+                                split="test", out=str(tmp_path / "o")))

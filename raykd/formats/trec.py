@@ -24,6 +24,8 @@ import io
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from raykd import storage
 from raykd.errors import FormatError
 
@@ -119,16 +121,51 @@ def write_run(run: Mapping[str, Mapping[str, float]], uri: str, tag: str = "rayk
 
 
 def write_ranked(query_ids: Iterable[str], doc_ids: Iterable[str], ranks: Iterable[int], scores: Iterable[float],
-                 uri: str, tag: str = "raykd") -> None:
+                 uri: str, tag: str = "raykd", lines_per_write: int = 65536) -> None:
     """Write a run given as ranked rows (already in :func:`trec_order` within each query, ranks 1..n), e.g. the
-    columns of a ``run.parquet``, atomically; the lines are what :func:`write_run` writes for the same run."""
+    columns of a ``run.parquet``, atomically; the lines are what :func:`write_run` writes for the same run.
+    Streamed: at most ``lines_per_write`` lines are held as text (iterables may be generators)."""
     tag = tag.replace(" ", "_") or "raykd"
-    out = []
-    for qid, docno, rank, score in zip(query_ids, doc_ids, ranks, scores):
-        if any(c.isspace() for c in f"{qid}{docno}") or not qid or not docno:
-            raise ValueError(f"run ids must be non-empty and free of whitespace: query {qid!r}, document {docno!r}")
-        out.append(f"{qid} Q0 {docno} {rank} {score:.8g} {tag}\n")
-    storage.write_bytes_atomic(uri, "".join(out).encode())
+    with storage.open_write_atomic(uri) as f:
+        out = []
+        for qid, docno, rank, score in zip(query_ids, doc_ids, ranks, scores):
+            if any(c.isspace() for c in f"{qid}{docno}") or not qid or not docno:
+                raise ValueError(f"run ids must be non-empty and free of whitespace: query {qid!r}, "
+                                 f"document {docno!r}")
+            out.append(f"{qid} Q0 {docno} {rank} {score:.8g} {tag}\n")
+            if len(out) >= lines_per_write:
+                f.write("".join(out).encode())
+                out = []
+        f.write("".join(out).encode())
+
+
+# 10**n, exact in float64, for the scalings printed_scores does exactly (n <= 12: see there)
+_POW10 = np.array([float(10**n) for n in range(13)])
+
+
+def printed_scores(scores) -> np.ndarray:
+    """What a reader of a run file gets back for each score: ``float(f"{s:.8g}")`` (the ``%.8g`` of
+    :func:`write_run`), vectorised and exact. A score that a float32 holds (every run.parquet score) is scaled
+    to 8 integer digits by 10**n, n in 0..12, exactly (24 + 28 significant bits fit a double's 53), rounded half
+    to even as the formatter does, and divided back (one correctly rounded division, as parsing the text does);
+    other scores (beyond 1e8 or below 1e-5, or not float32) are formatted and parsed one by one."""
+    x = np.asarray(scores, dtype=np.float64)
+    out = x.copy()
+    a = np.abs(x)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        fast = np.isfinite(x) & (a > 0) & (x == x.astype(np.float32))
+        n = 7 - np.floor(np.log10(np.where(fast, a, 1.0))).astype(np.int64)
+        for _ in range(2):  # log10 may be one off next to a power of ten: the exact product says which way
+            t = a * _POW10[np.clip(n, 0, 12)]
+            n = np.where(t >= 1e8, n - 1, np.where(t < 1e7, n + 1, n))
+        p = _POW10[np.clip(n, 0, 12)]
+        t = a * p
+        fast &= (n >= 0) & (n <= 12) & (t >= 1e7) & (t < 1e8)
+    out[fast] = np.copysign(np.rint(t[fast]) / p[fast], x[fast])
+    slow = np.flatnonzero(~fast & np.isfinite(x) & (x != 0))
+    if len(slow):
+        out[slow] = [float(f"{v:.8g}") for v in x[slow].tolist()]
+    return out
 
 
 def read_qrels(uri: str) -> Qrels:

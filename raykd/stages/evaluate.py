@@ -1,8 +1,10 @@
 """evaluate: runs + qrels -> trec_eval-exact metrics, mean and per query (:mod:`raykd.metrics`), and a report.
 
 Runs are TREC files or search output URIs (whose manifests also give per-query latency for the report).
-Qrels are a TREC/BEIR qrels file, or a text store's split (``data`` + ``split``). With a store, a run naming
-a document that is not in its corpus is an error naming the file and line (a run of another collection would
+Qrels are a TREC/BEIR qrels file, or a text store's split (``data`` + ``split``). A run is read as an Arrow table
+(a search output's run.parquet, with the scores its run.trec prints) and evaluated a block of queries at a time.
+A document twice for a query is an error naming the file and line (or run.parquet's row); with a store, so is
+a document that is not in its corpus (a run of another collection would
 otherwise score silently low); with a plain qrels file an unjudged document counts as non-relevant, as in
 trec_eval. Run queries without qrels are left out of the mean and listed; see :mod:`raykd.metrics`.
 
@@ -23,16 +25,14 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raykd import finished, metrics, storage
 from raykd.config import field
-from raykd.errors import FormatError, UserError
+from raykd.errors import UserError
 from raykd.formats import trec
 from raykd.log import get_logger
-from raykd.runs import corpus_ids, run_file, store_qrels
+from raykd.runs import checked_run, corpus_ids, query_blocks, run_file, store_qrels
 
 log = get_logger("evaluate")
 FORMAT = "raykd.evaluation"
@@ -87,20 +87,6 @@ def load_qrels(cfg: EvaluateConfig) -> tuple[dict, object | None]:
     raise UserError("evaluate needs --qrels FILE or --data STORE --split NAME")
 
 
-def _check_docs(path: str, store, corpus_doc_ids: pa.Array) -> None:
-    """Every run document is in the corpus: an Arrow membership test (no per-passage Python objects)."""
-    lines, docnos = [], []
-    for r in trec.iter_run(path):
-        lines.append(r.line)
-        docnos.append(r.docno)
-    if not docnos:
-        return
-    known = pc.is_in(pa.array(docnos, pa.string()), value_set=corpus_doc_ids).to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(~known)
-    if len(bad):
-        raise FormatError(path, lines[bad[0]], f"document {docnos[bad[0]]} is not in the corpus of {store.uri}")
-
-
 def evaluate(cfg: EvaluateConfig) -> dict:
     """``{run name: Evaluation dict (+ latency_ms)}``; writes the report files when ``cfg.out`` is set."""
     if not cfg.run:
@@ -117,13 +103,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             log.info("%s already holds this evaluation; nothing to do", cfg.out)
             return json.loads(storage.read_bytes(storage.join(cfg.out, "metrics.json")))
     qrels, store = load_qrels(cfg)
-    corpus_doc_ids = corpus_ids(store)["doc_id"].combine_chunks() if store is not None else None
+    corpus = corpus_ids(store) if store is not None else None
     results: dict = {}
     for i, uri in enumerate(cfg.run):
         path = run_file(uri)
-        if store is not None:
-            _check_docs(path, store, corpus_doc_ids)
-        ev = metrics.evaluate(trec.read_run(path), qrels, list(cfg.metrics), complete=cfg.complete)
+        # an Arrow table, checked by Arrow lookups, evaluated a block of queries at a time: no whole-run dict
+        run = checked_run(uri, corpus, where=store.uri if store is not None else "")
+        ev = metrics.evaluate_blocks(query_blocks(run), qrels, list(cfg.metrics), complete=cfg.complete)
         if ev.queries_without_qrels:
             log.warning("%s: %d run queries have no qrels and are left out (e.g. %s)", path,
                         len(ev.queries_without_qrels), ", ".join(ev.queries_without_qrels[:3]))

@@ -25,8 +25,11 @@ times N queries one at a time (batch size 1, the paper's setting) as ``stats.lat
 the indexes kept in memory between queries (so that must fit).
 A re-run with the same ``out`` and settings returns the finished output (:mod:`raykd.finished`).
 
-Runs given as input may be a TREC file or a search output URI (its ``run.trec``). A run naming a query that is
-not in the split, or a document that is not in the corpus, is an error naming the file and line.
+Runs given as input may be a TREC file or a search output URI (read from its ``run.parquet``; a hybrid fuses the
+scores its ``run.trec`` prints, so either gives the same run). A run naming a query that is not in the split, a
+document twice for a query, or a document that is not in the corpus is an error naming the file and line (a search
+output's: run.parquet and the row). A run stays an Arrow table from the searcher to the files
+(:mod:`raykd.runs`): no Python object per result.
 """
 
 from __future__ import annotations
@@ -45,10 +48,18 @@ import pyarrow.parquet as pq
 from raykd import finished, storage
 from raykd.config import field
 from raykd.errors import FormatError, UserError
-from raykd.formats import trec
 from raykd.formats.store import TextStore
 from raykd.log import Progress, get_logger
-from raykd.runs import FORMAT, VERSION, corpus_ids, pids_of, run_file, run_table, store_qrels
+from raykd.runs import (
+    FORMAT,
+    VERSION,
+    ranks_within,
+    run_columns,
+    store_qrels,
+    store_run,
+    top_k_table,
+    write_run,
+)
 
 log = get_logger("search")
 
@@ -141,50 +152,6 @@ def split_queries(store: TextStore, split: str, only: set[str] | None = None) ->
     return t
 
 
-def read_store_run(uri: str, store: TextStore, split: str, k: int | None = None,
-                   only: set[str] | None = None) -> trec.Run:
-    """A run whose every query is in ``split`` and every document in the corpus; top ``k`` per query kept;
-    only the queries in ``only`` when given. Documents are checked by an Arrow lookup, not a corpus dict."""
-    path = run_file(uri)
-    queries = set(store.queries(split)["query_id"].to_pylist())
-    run: trec.Run = {}
-    lines, docnos = [], []
-    for r in trec.iter_run(path):
-        if r.qid not in queries:
-            raise FormatError(path, r.line, f"query {r.qid} is not in split {split!r} of {store.uri}")
-        if only is not None and r.qid not in only:
-            continue
-        d = run.setdefault(r.qid, {})
-        if r.docno in d:
-            raise FormatError(path, r.line, f"document {r.docno} appears twice for query {r.qid}")
-        d[r.docno] = r.score
-        lines.append(r.line)
-        docnos.append(r.docno)
-    if docnos:
-        known = pc.is_in(pa.array(docnos, pa.string()), value_set=corpus_ids(store)["doc_id"].combine_chunks())
-        bad = np.flatnonzero(~known.to_numpy(zero_copy_only=False))
-        if len(bad):
-            raise FormatError(path, lines[bad[0]], f"document {docnos[bad[0]]} is not in the corpus of {store.uri}")
-    if k is not None:
-        run = {q: dict(trec.trec_order(d)[:k]) for q, d in run.items()}
-    return run
-
-
-def _run_of(query_ids: list[str], doc_ids: pa.Array, rows: np.ndarray, scores: np.ndarray,
-            keep: np.ndarray) -> trec.Run:
-    """A run from (nq, k) result rows, their scores and which to keep; ``doc_ids[row]`` names a row."""
-    flat = rows[keep]
-    docs = doc_ids.take(pa.array(flat.astype(np.int64))).to_pylist()
-    vals = scores[keep].astype(float).tolist()
-    counts = keep.sum(axis=1)
-    run: trec.Run = {}
-    pos = 0
-    for qid, n in zip(query_ids, counts.tolist()):
-        run[qid] = dict(zip(docs[pos : pos + n], vals[pos : pos + n]))
-        pos += n
-    return run
-
-
 # ------------------------------------------------------------------------------------------- dense
 class IndexPartSearcher:
     """A Ray actor holding one part of a dense index (a shard, or the merged index), on the GPUs when Faiss
@@ -248,7 +215,9 @@ def search_parts(cfg: SearchConfig, di, queries: np.ndarray) -> tuple[np.ndarray
 
 
 def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict,
-              only: set[str] | None = None) -> trec.Run:
+              only: set[str] | None = None) -> pa.Table:
+    """The dense run of ``split`` (the queries in ``only`` when given) as a ranked run table
+    (:func:`raykd.runs.top_k_table`)."""
     from raykd.dense_index import DenseIndex
     from raykd.encoders import DenseEncoder, EncoderSpec
 
@@ -280,7 +249,8 @@ def dense_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict,
             di.search(v, cfg.k, use=cfg.use, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
             te, ts = te + b - a, ts + time.perf_counter() - b
         latency["single"] = {"queries": m, "query_encoding": 1000 * te / m, "search": 1000 * ts / m}
-    return _run_of(queries["query_id"].to_pylist(), di.ids()["doc_id"].combine_chunks(), rows, scores, rows >= 0)
+    return top_k_table(queries["query_id"].combine_chunks(), di.ids()["doc_id"].combine_chunks(), rows, scores,
+                       rows >= 0)
 
 
 # ------------------------------------------------------------------------------------------- BM25
@@ -529,7 +499,9 @@ def build_bm25_shards(cfg: SearchConfig, store: TextStore, uri: str, params: dic
 
 
 def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, stats: dict | None = None,
-             only: set[str] | None = None) -> trec.Run:
+             only: set[str] | None = None) -> pa.Table:
+    """The BM25 run of ``split`` (the queries in ``only`` when given) as a ranked run table
+    (:func:`raykd.runs.top_k_table`), its queries retrieved by ``cfg.bm25_workers`` Ray tasks."""
     import ray
 
     stats = {} if stats is None else stats
@@ -547,55 +519,18 @@ def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, sta
     scores = np.concatenate([p[1] for p in parts]) if texts else np.zeros((0, 0), np.float32)
     ids = storage.read_parquet(storage.join(uri, "ids.parquet"))["doc_id"].combine_chunks()
     # bm25s pads queries with fewer matches with score-0 documents
-    return _run_of(queries["query_id"].to_pylist(), ids, rows, scores, scores > 0)
-
-
-def _run_line(path: str, row: int) -> int:
-    """The line of a run file that holds its ``row``-th run line (blank lines skipped): for error messages."""
-    for i, r in enumerate(trec.iter_run(path)):
-        if i == row:
-            return r.line
-    return row + 1
+    return top_k_table(queries["query_id"].combine_chunks(), ids, rows, scores, scores > 0)
 
 
 def rerank_candidates(uri: str, store: TextStore, split: str, k: int) -> pa.Table:
     """The top ``k`` candidates per query of run ``uri`` (:func:`raykd.runs.run_table`, trec_eval's order) as Arrow
     columns ``qid``, ``query_id``, ``pid``, ``doc_id``, sorted by qid, then rank. A query that is not in ``split``,
     a document twice for a query, or a document that is not in the corpus is an error naming the file and line
-    (ids are looked up by Arrow joins, never a dict over the corpus)."""
-    t = run_table(uri)
-    queries = store.queries(split).select(["qid", "query_id"])
-    qpos = pc.index_in(t["query_id"], value_set=queries["query_id"].combine_chunks())
-    qrow = pc.fill_null(qpos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    pids = pids_of(corpus_ids(store), t["doc_id"])
-    docs = t["doc_id"].combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
-    order = np.lexsort((np.arange(len(docs)), docs, qrow))
-    same = (qrow[order][1:] == qrow[order][:-1]) & (docs[order][1:] == docs[order][:-1])
-    bad_query, twice, bad_doc = np.flatnonzero(qrow < 0), order[1:][same], np.flatnonzero(pids < 0)
-    path = run_file(uri)
-    if len(bad_query) or len(twice):  # as a line-by-line reading finds them: queries and repeats first
-        row = int(min(np.concatenate([bad_query, twice])))
-        q, d = t["query_id"][row].as_py(), t["doc_id"][row].as_py()
-        raise FormatError(path, _run_line(path, row), f"query {q} is not in split {split!r} of {store.uri}"
-                          if qrow[row] < 0 else f"document {d} appears twice for query {q}")
-    if len(bad_doc):
-        row = int(bad_doc[0])
-        raise FormatError(path, _run_line(path, row),
-                          f"document {t['doc_id'][row].as_py()} is not in the corpus of {store.uri}")
-    cands = pa.table({"qid": queries["qid"].combine_chunks().take(pa.array(qrow)), "query_id": t["query_id"],
-                      "pid": pa.array(pids, pa.int64()), "doc_id": t["doc_id"], "score": t["score"]})
+    (or run.parquet's row; :func:`raykd.runs.store_run`)."""
+    cands = store_run(uri, store, split)
     cands = cands.sort_by([("qid", "ascending"), ("score", "descending"), ("doc_id", "descending")])
     keep = ranks_within(cands["qid"].to_numpy()) <= k
     return cands.filter(pa.array(keep)).drop_columns(["score"])
-
-
-def ranks_within(qids: np.ndarray) -> np.ndarray:
-    """1-based position of each row within its run of equal ``qids`` (rows grouped by query)."""
-    if len(qids) == 0:
-        return np.zeros(0, np.int32)
-    starts = np.flatnonzero(np.r_[True, qids[1:] != qids[:-1]])
-    first = np.repeat(starts, np.diff(np.r_[starts, len(qids)]))
-    return (np.arange(len(qids)) - first + 1).astype(np.int32)
 
 
 def ranked(scored: pa.Table, score: str = "score") -> pa.Table:
@@ -726,7 +661,7 @@ def tuning_sample(qrels: dict, n: int, seed: int) -> set[str]:
     return {judged[i] for i in rng.choice(len(judged), n, replace=False)}
 
 
-def sweep_alphas(cfg: SearchConfig, tune_dense: trec.Run, tune_sparse: trec.Run, qrels: dict,
+def sweep_alphas(cfg: SearchConfig, tune_dense: pa.Table, tune_sparse: pa.Table, qrels: dict,
                  grid: list[float]) -> list[tuple[float, float]]:
     """The tuning curve, alphas split over parallel Ray tasks (each fuses vectorised, :mod:`raykd.fusion`)."""
     import ray
@@ -735,7 +670,7 @@ def sweep_alphas(cfg: SearchConfig, tune_dense: trec.Run, tune_sparse: trec.Run,
     from raykd.runtime import init_ray
 
     init_ray()
-    d, s = ray.put(fusion.run_table(tune_dense)), ray.put(fusion.run_table(tune_sparse))
+    d, s = ray.put(tune_dense), ray.put(tune_sparse)
     q = ray.put(qrels)
     chunks = [grid[i :: max(1, cfg.bm25_workers)] for i in range(min(len(grid), max(1, cfg.bm25_workers)))]
     task = ray.remote(fusion.sweep).options(num_cpus=1, max_retries=0)
@@ -744,21 +679,30 @@ def sweep_alphas(cfg: SearchConfig, tune_dense: trec.Run, tune_sparse: trec.Run,
     return sorted(curve)
 
 
-def hybrid_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, stats: dict) -> trec.Run:
+def input_run(uri: str, store: TextStore, split: str, only: set[str] | None = None) -> pa.Table:
+    """A hybrid's input run as a run table (``query_id``, ``doc_id``, ``score``), checked against the store
+    (:func:`raykd.runs.store_run`): a search output's run.parquet, with the scores its run.trec prints (so the
+    output and its run.trec fuse alike), else the TREC file."""
+    return store_run(uri, store, split, only=only, printed=True).select(["query_id", "doc_id", "score"])
+
+
+def hybrid_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, stats: dict) -> pa.Table:
+    """The TCT Eq. 7 fusion of ``cfg.dense`` and ``cfg.sparse`` as a ranked run table (queries in query_id
+    order); alpha given, or tuned (``stats.alpha_tuning``)."""
     from raykd import fusion
 
     if not cfg.dense or not cfg.sparse:
         raise UserError("hybrid needs --dense RUN and --sparse RUN of the split")
-    dense = read_store_run(cfg.dense, store, split)
-    sparse = read_store_run(cfg.sparse, store, split)
+    dense = input_run(cfg.dense, store, split)
+    sparse = input_run(cfg.sparse, store, split)
     alpha = cfg.alpha
     if alpha is None:
         qrels = store_qrels(store, cfg.tune_split)
         sample = tuning_sample(qrels, cfg.tune_queries, cfg.tune_seed)
         qrels = {q: qrels[q] for q in sample}
         if cfg.tune_dense and cfg.tune_sparse:
-            td = read_store_run(cfg.tune_dense, store, cfg.tune_split, only=sample)
-            ts = read_store_run(cfg.tune_sparse, store, cfg.tune_split, only=sample)
+            td = input_run(cfg.tune_dense, store, cfg.tune_split, only=sample)
+            ts = input_run(cfg.tune_sparse, store, cfg.tune_split, only=sample)
         elif cfg.index:
             td = dense_run(cfg, store, cfg.tune_split, {}, only=sample)
             ts = bm25_run(cfg, store, cfg.tune_split, {}, stats, only=sample)
@@ -781,8 +725,8 @@ def hybrid_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, s
                 if part != "total":
                     latency[part] = latency.get(part, 0.0) + ms
     t0 = time.perf_counter()
-    run = fusion.hybrid(dense, sparse, alpha, cfg.k)
-    latency["fusion"] = 1000 * (time.perf_counter() - t0) / max(len(run), 1)
+    run = fusion.ListUnion(dense, sparse).table(alpha, cfg.k)
+    latency["fusion"] = 1000 * (time.perf_counter() - t0) / max(pc.count_distinct(run["query_id"]).as_py(), 1)
     return run
 
 
@@ -825,26 +769,22 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     store = TextStore(cfg.data)
     latency: dict = {}
     stats: dict = {"mode": mode}
+    parts: list[str] = []
     if mode == "dense":
-        run = dense_run(cfg, store, cfg.split, latency)
+        table = run_columns(dense_run(cfg, store, cfg.split, latency), store, cfg.split)
     elif mode == "bm25":
-        run = bm25_run(cfg, store, cfg.split, latency, stats)
+        table = run_columns(bm25_run(cfg, store, cfg.split, latency, stats), store, cfg.split)
     elif mode == "rerank":
         table, parts = rerank_run(cfg, store, cfg.split, latency, stats)
     else:
-        run = hybrid_run(cfg, store, cfg.split, latency, stats)
+        table = run_columns(hybrid_run(cfg, store, cfg.split, latency, stats), store, cfg.split)
     single = latency.pop("single", None)
     latency["total"] = sum(latency.values())
     stats["latency_ms"] = {k: round(v, 4) for k, v in latency.items()}
     if single:
         stats["latency_ms_single"] = single
-    if mode == "rerank":
-        _write_table(cfg, table, mode)
-        counts = {"queries": len(np.unique(table["qid"].to_numpy())), "results": table.num_rows, "k": cfg.k}
-    else:
-        parts = []
-        _write_run(cfg, store, run, mode)
-        counts = {"queries": len(run), "results": sum(len(d) for d in run.values()), "k": cfg.k}
+    write_run(table, cfg.out, tag=cfg.tag or f"raykd-{mode}")
+    counts = {"queries": pc.count_distinct(table["query_id"]).as_py(), "results": table.num_rows, "k": cfg.k}
     m = storage.write_manifest(
         cfg.out,
         "search",
@@ -861,37 +801,3 @@ def search(cfg: SearchConfig) -> storage.Manifest:
     log.info("%s run of %d queries written to %s (%.2f ms/query)", mode, counts["queries"], cfg.out,
              latency["total"])
     return m
-
-
-def _write_run(cfg: SearchConfig, store: TextStore, run: trec.Run, mode: str) -> None:
-    queries = store.queries(cfg.split)
-    qid_of = dict(zip(queries["query_id"].to_pylist(), queries["qid"].to_pylist()))
-    cols: dict[str, list] = {"qid": [], "query_id": [], "doc_id": [], "rank": [], "score": []}
-    for q, docs in run.items():
-        for rank, (d, s) in enumerate(trec.trec_order(docs)[: cfg.k], start=1):
-            cols["qid"].append(qid_of[q])
-            cols["query_id"].append(q)
-            cols["doc_id"].append(d)
-            cols["rank"].append(rank)
-            cols["score"].append(s)
-    doc_ids = pa.array(cols["doc_id"], pa.string())
-    table = pa.table(
-        {
-            "qid": pa.array(cols["qid"], pa.int64()),
-            "query_id": pa.array(cols["query_id"], pa.string()),
-            "pid": pa.array(pids_of(corpus_ids(store), doc_ids), pa.int64()),
-            "doc_id": doc_ids,
-            "rank": pa.array(cols["rank"], pa.int32()),
-            "score": pa.array(cols["score"], pa.float32()),
-        }
-    )
-    storage.write_parquet_atomic(table, storage.join(cfg.out, "run.parquet"))
-    trec.write_run(run, storage.join(cfg.out, "run.trec"), tag=cfg.tag or f"raykd-{mode}", k=cfg.k)
-
-
-def _write_table(cfg: SearchConfig, table: pa.Table, mode: str) -> None:
-    """``run.parquet`` and ``run.trec`` (the same rows, in the same order) from a ranked table (re-ranking: its
-    scores are float32 already, so the two files agree)."""
-    storage.write_parquet_atomic(table, storage.join(cfg.out, "run.parquet"))
-    trec.write_ranked(table["query_id"].to_pylist(), table["doc_id"].to_pylist(), table["rank"].to_pylist(),
-                      table["score"].to_pylist(), storage.join(cfg.out, "run.trec"), tag=cfg.tag or f"raykd-{mode}")
