@@ -256,11 +256,11 @@ def main() -> None:
         train_s = time.time() - t0
         with open(os.path.join(out, "metrics.jsonl")) as f:
             hist = [json.loads(x) for x in f if x.strip()]
-        times = [h["time"] for h in hist if "loss" in h or h.get("event") == "validation"]
+        logged = [(h["step"], h["time"]) for h in hist if "loss" in h]  # training-loop logs (step, time)
         t0 = time.time()
         runs_ = dense(os.path.join(out, "model"), f"{name}/{tag.replace('=', '-')}", splits=("dev",))
         rec = {"tag": tag, "out": out, "dev": scores_of(runs_["dev"], "dev"), "train_s": train_s,
-               "index_dev_s": time.time() - t0, "s_per_step": (times[-1] - times[0]) / max(1, m.counts["steps"]),
+               "index_dev_s": time.time() - t0, "s_per_step": (logged[-1][1] - logged[0][1]) / max(1, logged[-1][0] - logged[0][0]),
                "train": {"val_mrr@10": [m.stats.get("val_mrr@10_initial"), m.stats.get("val_mrr@10_final")],
                          "final_loss": m.stats["final_loss"]}}
         print(f"kd-sweep: {name} {tag}: dev nDCG@10 {rec['dev']['mean']['nDCG@10']:.4f} "

@@ -13,7 +13,7 @@ from raykd import fusion, metrics, storage
 from raykd.errors import FormatError, UserError
 from raykd.formats import trec
 from raykd.formats.store import TextStore
-from raykd.runs import store_qrels
+from raykd.runs import corpus_ids, pids_of, store_qrels
 from raykd.stages.search import SearchConfig, search
 
 
@@ -72,9 +72,9 @@ def test_rerank_scores_candidates_with_a_scorer(bm25_test, mini_store, tiny_mode
     q = next(iter(got))
     assert set(got[q]) == {d for d, _ in trec.trec_order(cands[q])[:5]}  # the top-5 candidates, re-scored
     qtext = dict(zip(store.queries("test")["query_id"].to_pylist(), store.queries("test")["text"].to_pylist()))[q]
-    pid = store.pid_of_doc_id()
     docs = list(got[q])
-    want = model.score([qtext] * len(docs), store.passages([pid[d] for d in docs])).tolist()
+    pids = pids_of(corpus_ids(store), pa.array(docs, pa.string())).tolist()
+    want = model.score([qtext] * len(docs), store.passages(pids)).tolist()
     assert [got[q][d] for d in docs] == pytest.approx(want, abs=1e-4)
 
 
@@ -269,8 +269,6 @@ def _old_run_of(query_ids, doc_ids, rows, scores, keep):
 
 def _old_write_run(store, split, run, out, tag, k):
     """run.parquet and run.trec as search wrote them from that dict (its ``_write_run``)."""
-    from raykd.runs import corpus_ids, pids_of
-
     queries = store.queries(split)
     qid_of = dict(zip(queries["query_id"].to_pylist(), queries["qid"].to_pylist()))
     cols = {"qid": [], "query_id": [], "doc_id": [], "rank": [], "score": []}

@@ -161,10 +161,6 @@ class TextStore:
     def _doc_ids(self) -> TextLookup:
         return passage_lookup(self.corpus_parts(), text_column="doc_id", where=f"the corpus of {self.uri}")
 
-    def pid_of_doc_id(self) -> dict[str, int]:
-        t = self.corpus(columns=["pid", "doc_id"])
-        return dict(zip(t["doc_id"].to_pylist(), t["pid"].to_pylist()))
-
 
 def is_set_name(name: str) -> bool:
     """A bare name of a triples set (``bm25-hn``), as opposed to a URI."""
