@@ -513,7 +513,7 @@ def bm25_run(cfg: SearchConfig, store: TextStore, split: str, latency: dict, sta
     t1 = time.perf_counter()
     # a fresh worker per task (max_calls=1): ru_maxrss is a process's lifetime peak, so in a reused worker (one
     # that built the index, say) the reported peak would be that earlier task's
-    task = ray.remote(retrieve_bm25).options(num_cpus=1, max_retries=0, max_calls=1)
+    task = ray.remote(max_calls=1)(retrieve_bm25).options(num_cpus=1, max_retries=0)
     parts = ray.get([task.remote(uri, texts[bounds[i]:bounds[i + 1]], cfg.k) for i in range(n_shards)])
     latency["search"] = 1000 * (time.perf_counter() - t1) / max(queries.num_rows, 1)
     stats["bm25_retrieve_peak_rss_bytes"] = max(p[2] for p in parts)
